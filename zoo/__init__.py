@@ -1,0 +1,10 @@
+"""wsbcn-zoo: Weight Standardization, Batch-Channel and Batch Group Normalization models for timm.
+
+``import zoo`` registers every zoo model in timm, so ``timm.create_model('resnet50_wsbcn')`` works.
+"""
+from . import layers, models
+from .factory import UnknownModelError, create_model, list_models
+from .layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, set_bcn_batch_stage
+from .models import ZOO_MODELS
+
+__version__ = '0.1.0'

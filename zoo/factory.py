@@ -1,0 +1,32 @@
+"""``zoo.create_model``: timm's ``create_model`` with an error that names close matches."""
+import difflib
+
+import timm
+from timm.models import is_model, split_model_name_tag
+
+from .models import ZOO_MODELS
+
+__all__ = ['UnknownModelError', 'create_model', 'list_models']
+
+
+class UnknownModelError(RuntimeError, ValueError):
+    """The model name is registered neither in the zoo nor in timm."""
+
+
+def list_models(filter: str = '', pretrained: bool = False) -> list:
+    """The zoo's model names (optionally a timm-style wildcard filter)."""
+    names = timm.list_models(filter or '*', pretrained=pretrained)
+    zoo_names = set(ZOO_MODELS)
+    return [n for n in names if n.split('.')[0] in zoo_names]
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs):
+    """Create any zoo or timm model; an unknown name raises :class:`UnknownModelError`."""
+    if not model_name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        arch, _ = split_model_name_tag(model_name)
+        if not is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+            hint = f' Close matches: {", ".join(close)}.' if close else ''
+            raise UnknownModelError(
+                f'Unknown model {model_name!r}.{hint} See zoo.list_models() or timm.list_models() for all names.')
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)

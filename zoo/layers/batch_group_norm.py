@@ -1,0 +1,69 @@
+"""Batch Group Normalization (Zhou et al., arXiv:2012.02782).
+
+Each sample's (C, H, W) activations are flattened and split into ``num_groups`` groups; mean
+and variance are taken over the batch *and* each group's C*H*W/G elements, so even one image
+gives thousands of elements per statistic. A per-channel affine follows.
+
+Inference (the paper leaves it open; the zoo's choice): like BN, training updates running
+statistics per group (momentum ``momentum``, unbiased variance) and eval normalizes with them,
+so an image's prediction never depends on the other images in its batch and batch-1 inference
+is deterministic. Set ``track_running_stats=False`` to use batch statistics in eval too.
+
+``num_groups`` must divide ``num_channels``: groups are then whole channels (the flattened
+split coincides with a channel split), so a group means the same thing at every resolution.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['BatchGroupNorm2d']
+
+
+class BatchGroupNorm2d(nn.Module):
+    """Normalize over (batch, group of C*H*W/G); per-channel affine; running stats for eval."""
+
+    def __init__(
+            self,
+            num_channels: int,
+            num_groups: int = 32,
+            eps: float = 1e-5,
+            momentum: float = 0.1,
+            track_running_stats: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f'BatchGroupNorm2d: {num_channels} channels are not divisible into {num_groups} groups')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_channels = num_channels
+        self.num_groups = num_groups
+        self.eps = eps
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        self.weight = nn.Parameter(torch.ones(num_channels, **dd))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **dd))
+        if track_running_stats:
+            self.register_buffer('running_mean', torch.zeros(num_groups, device=device))
+            self.register_buffer('running_var', torch.ones(num_groups, device=device))
+            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def extra_repr(self) -> str:
+        return (f'{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, '
+                f'track_running_stats={self.track_running_stats}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f'BatchGroupNorm2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
+        use_batch_stats = self.training or not self.track_running_stats
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
+        grouped = x.reshape(x.shape[0], self.num_groups, -1)
+        y = F.batch_norm(
+            grouped, self.running_mean, self.running_var, None, None,
+            training=use_batch_stats, momentum=self.momentum, eps=self.eps)
+        y = y.view_as(x)
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)

@@ -1,0 +1,100 @@
+"""Estimated batch normalization: the batch stage of BCN for micro-batches.
+
+With 1-2 images per device, batch statistics are too noisy to normalize with. Following the BCN
+paper, this layer normalizes with running *estimates* of the mean and variance, in training and
+in eval alike, and only updates the estimates (without gradient) from each training batch:
+
+    mu_b  = mean of x over (N, H, W)
+    var_b = mean of (x - mu_hat)^2 over (N, H, W)      # around the previous estimate
+    mu_hat  <- (1 - r) mu_hat  + r mu_b
+    var_hat <- (1 - r) var_hat + r var_b
+    y = (x - mu_hat) / sqrt(var_hat + eps) * weight + bias
+
+Update rate (the authors' code leaves it unset, so this is the zoo's documented choice): a
+warm-up of cumulative averaging, ``r_t = max(1 / (t + 1), momentum)`` for the t-th update, then
+the fixed ``momentum``. The first update (t = 0, r = 1) has no previous estimate to centre on, so
+it takes the batch variance around the batch mean. Estimates are updated before they normalize
+the batch that produced them.
+
+Under ``torch.distributed`` the per-channel sums are all-reduced inside the layer (one
+all-reduce per update), so every process sees the statistics of the global batch and the
+estimates stay identical on every rank; DDP's buffer broadcast then changes nothing. This class
+deliberately does not subclass ``_BatchNorm``: ``SyncBatchNorm.convert_sync_batchnorm`` (and so
+Lightning's ``sync_batchnorm=True``) would otherwise replace it by a plain SyncBatchNorm.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['EstimatedBatchNorm2d']
+
+
+def _distributed_world(process_group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+class EstimatedBatchNorm2d(nn.Module):
+    """Per-channel normalization with running estimates updated from each training batch."""
+
+    def __init__(
+            self,
+            num_features: int,
+            eps: float = 1e-5,
+            momentum: float = 0.01,
+            affine: bool = True,
+            process_group: Optional[object] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if not 0. < momentum <= 1.:
+            raise ValueError(f'momentum must be in (0, 1], got {momentum}')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.process_group = process_group
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **dd))
+            self.bias = nn.Parameter(torch.zeros(num_features, **dd))
+        else:
+            self.register_parameter('weight', None)
+            self.register_parameter('bias', None)
+        self.register_buffer('running_mean', torch.zeros(num_features, device=device))
+        self.register_buffer('running_var', torch.ones(num_features, device=device))
+        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
+
+    def extra_repr(self) -> str:
+        return f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}'
+
+    @torch.no_grad()
+    def update_estimates(self, x: torch.Tensor) -> None:
+        """Fold the statistics of batch ``x`` (all processes together) into the estimates."""
+        prev_mean = self.running_mean
+        # Shift by the previous estimate: stable sums, and exactly the deviations var_b needs.
+        d = x.detach().float() - prev_mean.view(1, -1, 1, 1)
+        count = torch.full((1,), d.numel() // d.shape[1], dtype=torch.float32, device=d.device)
+        stats = torch.cat([d.sum(dim=(0, 2, 3)), d.square().sum(dim=(0, 2, 3)), count])
+        if _distributed_world(self.process_group):
+            dist.all_reduce(stats, group=self.process_group)
+        c = self.num_features
+        n = stats[-1]
+        shift = stats[:c] / n                       # mu_b - mu_hat
+        var_around_prev = stats[c:2 * c] / n
+        first = self.num_batches_tracked == 0
+        var_b = torch.where(first, var_around_prev - shift.square(), var_around_prev).clamp_(min=0.)
+        rate = (1. / (self.num_batches_tracked + 1).float()).clamp(min=self.momentum)
+        self.running_mean.add_(rate * shift)
+        self.running_var.lerp_(var_b, rate)
+        self.num_batches_tracked.add_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f'{type(self).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
+        if self.training:
+            self.update_estimates(x)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, momentum=0., eps=self.eps)

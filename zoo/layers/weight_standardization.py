@@ -1,0 +1,111 @@
+"""Weight Standardization (Qiao et al., arXiv:1903.10520).
+
+Every conv standardizes its weight per output channel, over that channel's in/groups x kH x kW
+inputs: ``w_hat = (w - mean(w)) / s``. The raw weight stays the parameter, so checkpoints hold
+un-standardized weights and the state-dict keys are those of ``nn.Conv2d``.
+
+Three formulas for ``s`` are in circulation and they differ enough on small kernels to break
+exact reproduction of converted checkpoints, so the formula is selectable by name:
+
+========== ================================ ==================================================
+name       s =                              used by
+========== ================================ ==================================================
+``zoo``    sqrt(biased var + 1e-5)          default for new zoo models
+``ws``     unbiased std + 1e-5              authors' WS code, GN+WS ImageNet releases, mmcv
+``bcn``    sqrt(unbiased var + 1e-5)        authors' BCN ImageNet code and releases
+``timm``   sqrt(biased var + 1e-6)          timm ``StdConv2d``
+``bit``    sqrt(biased var + 1e-8)          timm BiT ResNetV2 models
+========== ================================ ==================================================
+
+Why ``zoo`` as the default: eps inside the root never divides by zero (the authors agreed it
+belongs there after NaN reports), and the biased variance stays defined for a fan-in of one.
+"""
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight', 'WSConv2d']
+
+
+@dataclass(frozen=True)
+class WSFormula:
+    """How the per-output-channel scale ``s`` is computed."""
+    eps: float
+    unbiased: bool
+    eps_in_sqrt: bool
+
+
+WS_FORMULAS = {
+    'zoo': WSFormula(eps=1e-5, unbiased=False, eps_in_sqrt=True),
+    'ws': WSFormula(eps=1e-5, unbiased=True, eps_in_sqrt=False),
+    'bcn': WSFormula(eps=1e-5, unbiased=True, eps_in_sqrt=True),
+    'timm': WSFormula(eps=1e-6, unbiased=False, eps_in_sqrt=True),
+    'bit': WSFormula(eps=1e-8, unbiased=False, eps_in_sqrt=True),
+}
+DEFAULT_WS_FORMULA = 'zoo'
+
+
+def resolve_ws_formula(formula: Union[str, WSFormula]) -> WSFormula:
+    if isinstance(formula, WSFormula):
+        return formula
+    if formula not in WS_FORMULAS:
+        raise ValueError(f'Unknown weight standardization formula {formula!r}; choose one of {sorted(WS_FORMULAS)}.')
+    return WS_FORMULAS[formula]
+
+
+def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> torch.Tensor:
+    """Standardize a conv weight per output channel (dim 0) with the given formula."""
+    f = resolve_ws_formula(formula)
+    flat = weight.flatten(1)
+    if f.eps_in_sqrt and not f.unbiased:
+        # One fused kernel; identical to the explicit formula below.
+        return F.batch_norm(
+            flat.unsqueeze(0), None, None, training=True, momentum=0., eps=f.eps).view_as(weight)
+    var, mean = torch.var_mean(flat, dim=1, correction=int(f.unbiased), keepdim=True)
+    scale = (var + f.eps).sqrt() if f.eps_in_sqrt else var.sqrt() + f.eps
+    return ((flat - mean) / scale).view_as(weight)
+
+
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight is standardized per output channel in ``forward``.
+
+    Same constructor, parameters, keys and init as ``nn.Conv2d``, plus ``ws_formula``.
+    """
+
+    def __init__(self, *args, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ws_formula = resolve_ws_formula(ws_formula)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> 'WSConv2d':
+        """A WS conv sharing ``conv``'s parameters (so keys, init and device are kept)."""
+        ws = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            ws_formula=ws_formula, device='meta')
+        ws.weight = conv.weight
+        ws.bias = conv.bias
+        return ws
+
+    def extra_repr(self) -> str:
+        f = self.ws_formula
+        return super().extra_repr() + f', ws_eps={f.eps}, ws_unbiased={f.unbiased}, ws_eps_in_sqrt={f.eps_in_sqrt}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight, self.ws_formula), self.bias)
+
+
+def convert_to_ws(module: nn.Module, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> nn.Module:
+    """Replace every plain ``nn.Conv2d`` in ``module`` by a ``WSConv2d`` sharing its parameters."""
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d:
+            setattr(module, name, WSConv2d.from_conv(child, ws_formula))
+        else:
+            convert_to_ws(child, ws_formula)
+    return module
+
+
+__all__ += ['convert_to_ws']

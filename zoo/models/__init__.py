@@ -1,0 +1,6 @@
+"""timm-registered zoo models; importing this module registers them."""
+from .cifar_resnet import CIFAR_DEPTHS, ZOO_CIFAR_MODELS, CifarResNet
+from .resnet import IMAGENET_ARCHS, ZOO_IMAGENET_MODELS, ZooResNet
+from ._variants import NORM_VARIANTS, NormVariant
+
+ZOO_MODELS = ZOO_IMAGENET_MODELS + ZOO_CIFAR_MODELS

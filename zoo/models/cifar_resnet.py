@@ -1,0 +1,196 @@
+"""CIFAR ResNets of He et al. 2016 (resnet20/32/44/56/110, 6n+2 layers) in every zoo variant.
+
+3x3 stem (16 channels, stride 1, no max-pool), three stages of n BasicBlocks with 16/32/64
+channels (strides 1/2/2), global average pool and a linear classifier. Shortcuts that change
+shape use a 1x1 conv + norm (He et al.'s option B, as timm), so WS reaches them too.
+
+The plain names (``resnet20``) are the BN baselines. GN, BCN and BGN use ``norm_groups=8``
+by default here (2/4/8 channels per group in the three stages), since 32 groups cannot split
+16 channels.
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from timm.models.resnet import BasicBlock, ResNet, make_blocks
+
+from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
+from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer
+from .resnet import check_image_batch
+
+__all__ = ['CifarResNet', 'CIFAR_DEPTHS', 'ZOO_CIFAR_MODELS']
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+
+
+class CifarResNet(ResNet):
+    """He et al. CIFAR ResNet. Shares timm ResNet's head, classifier and init methods."""
+
+    def __init__(
+            self,
+            layers: Tuple[int, int, int] = (3, 3, 3),
+            num_classes: int = 10,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            channels: Tuple[int, ...] = (16, 32, 64),
+            norm_variant: NormVariant = BN_VARIANT,
+            ws_formula: str = DEFAULT_WS_FORMULA,
+            norm_groups: int = 8,
+            norm_kwargs: Optional[Dict[str, Any]] = None,
+            act_layer=nn.ReLU,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        nn.Module.__init__(self)  # ResNet.__init__ builds the ImageNet stem and four stages
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.norm_variant = norm_variant
+        norm_layer = make_norm_layer(norm_variant.norm, norm_groups, norm_kwargs)
+
+        self.conv1 = nn.Conv2d(in_chans, channels[0], kernel_size=3, stride=1, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(channels[0], **dd)
+        self.act1 = act_layer(inplace=True)
+        self.maxpool = nn.Identity()  # kept for ResNet's group_matcher and key layout
+        stages, _ = make_blocks(
+            (BasicBlock,) * len(channels), channels, layers, channels[0],
+            act_layer=act_layer, norm_layer=norm_layer, drop_path_rate=drop_path_rate, **dd)
+        for stage in stages:
+            self.add_module(*stage)
+        self.stage_names = tuple(name for name, _ in stages)
+        self.feature_info = [dict(num_chs=channels[0], reduction=1, module='act1')] + [
+            dict(num_chs=c, reduction=2 ** i, module=n) for i, (n, c) in enumerate(zip(self.stage_names, channels))]
+
+        self.num_features = self.head_hidden_size = channels[-1]
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_weights(zero_init_last=zero_init_last)
+        if norm_variant.ws:
+            convert_to_ws(self, ws_formula)
+
+    def _stages(self) -> List[nn.Module]:
+        return [getattr(self, n) for n in self.stage_names]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(type(self).__name__, x, self.in_chans)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self._stages(), x, flatten=True)
+        for stage in self._stages():
+            x = stage(x)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stem (index 0) and of each stage (1..3)."""
+        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        check_image_batch(type(self).__name__, x, self.in_chans)
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self._stages()[:max_index] if stop_early else self._stages()
+        for idx, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        for n in self.stage_names[max_index:]:
+            setattr(self, n, nn.Sequential())
+        if max_index < len(self.stage_names):
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR10_MEAN, 'std': CIFAR10_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:1512.03385,arXiv:1903.10520',
+        **kwargs,
+    }
+
+
+HUB_ORG = 'wsbcn-zoo'
+_SUFFIXES = ('',) + tuple(f'_{v}' for v in NORM_VARIANTS)
+ZOO_CIFAR_MODELS = tuple(f'resnet{d}{s}' for d in CIFAR_DEPTHS for s in _SUFFIXES)
+
+# Tags that will carry CIFAR-10 weights trained by the zoo (the micro-batch reproduction).
+_WEIGHT_TAGS = {
+    'resnet20.cifar10': 'BN, 128 images per device',
+    'resnet20.cifar10_b2': 'BN, 2 images per device',
+    'resnet20_gn.cifar10': 'GN, 2 images per device',
+    'resnet20_wsgn.cifar10': 'WS+GN, 2 images per device',
+    'resnet20_wsbcn.cifar10': 'WS+BCN, 2 images per device',
+    'resnet20_bgn.cifar10': 'BGN, 2 images per device',
+    'resnet56.cifar10': 'BN, 128 images per device',
+    'resnet56_wsbcn.cifar10': 'WS+BCN, 2 images per device',
+}
+
+
+def _all_cfgs() -> Dict[str, Dict[str, Any]]:
+    cfgs = {}
+    for name in ZOO_CIFAR_MODELS:
+        tagged = [t for t in _WEIGHT_TAGS if t.split('.')[0] == name]
+        for t in tagged:
+            cfgs[t] = _cfg(hf_hub_id=f'{HUB_ORG}/{t}', description=f'{name} trained on CIFAR-10, {_WEIGHT_TAGS[t]}')
+        if not tagged:
+            cfgs[name] = _cfg()
+    return cfgs
+
+
+default_cfgs = generate_default_cfgs(_all_cfgs())
+
+
+def _variant_of(suffix: str) -> NormVariant:
+    return NORM_VARIANTS[suffix.lstrip('_')] if suffix else BN_VARIANT
+
+
+def _make_entrypoint(depth: int, suffix: str):
+    name = f'resnet{depth}{suffix}'
+    n = (depth - 2) // 6
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> CifarResNet:
+        model_args = dict(layers=(n, n, n), norm_variant=_variant_of(suffix))
+        kwargs.setdefault('feature_cfg', dict(out_indices=(0, 1, 2, 3)))
+        return build_model_with_cfg(CifarResNet, name, pretrained, **dict(model_args, **kwargs))
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f'CIFAR ResNet-{depth} with {_variant_of(suffix).description}.'
+    return entrypoint
+
+
+for _d in CIFAR_DEPTHS:
+    for _s in _SUFFIXES:
+        register_model(_make_entrypoint(_d, _s))
