@@ -75,8 +75,9 @@ class EstimatedBatchNorm2d(nn.Module):
         """Fold the statistics of batch ``x`` (all processes together) into the estimates."""
         prev_mean = self.running_mean
         # Shift by the previous estimate: stable sums, and exactly the deviations var_b needs.
-        d = x.detach().float() - prev_mean.view(1, -1, 1, 1)
-        count = torch.full((1,), d.numel() // d.shape[1], dtype=torch.float32, device=d.device)
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 activations: fp32 sums
+        d = x.detach().to(stat_dtype) - prev_mean.to(stat_dtype).view(1, -1, 1, 1)
+        count = torch.full((1,), d.numel() // d.shape[1], dtype=stat_dtype, device=d.device)
         stats = torch.cat([d.sum(dim=(0, 2, 3)), d.square().sum(dim=(0, 2, 3)), count])
         if _distributed_world(self.process_group):
             dist.all_reduce(stats, group=self.process_group)
@@ -88,7 +89,7 @@ class EstimatedBatchNorm2d(nn.Module):
         var_b = torch.where(first, var_around_prev - shift.square(), var_around_prev).clamp_(min=0.)
         rate = (1. / (self.num_batches_tracked + 1).float()).clamp(min=self.momentum)
         self.running_mean.add_(rate * shift)
-        self.running_var.lerp_(var_b, rate)
+        self.running_var.add_(rate * (var_b - self.running_var))
         self.num_batches_tracked.add_(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
