@@ -1,0 +1,67 @@
+"""Temporal shift (TSM, Lin et al., arXiv:1811.08383): 2D convs that see neighbouring frames.
+
+Frames of a clip are folded into the batch, ``(B * T, C, H, W)``. Before a residual branch, one
+``1 / shift_div`` of the channels is shifted one frame back in time, another ``1 / shift_div``
+one frame forward, and the rest stays; the frames shifted in past either end of the clip are zeros.
+The shift has no parameters, so a 2D network keeps its state-dict keys and loads 2D weights
+unchanged.
+"""
+import torch
+import torch.nn as nn
+
+__all__ = ['TemporalShift', 'temporal_shift', 'add_temporal_shift']
+
+
+def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> torch.Tensor:
+    """Shift channel groups of ``x`` (``(B * num_segments, C, H, W)``) along time; zero padding."""
+    if num_segments == 1:
+        return x
+    nt, c, h, w = x.shape
+    if nt % num_segments:
+        raise ValueError(f'temporal_shift: batch of {nt} frames is not a whole number of {num_segments}-frame clips')
+    x = x.view(nt // num_segments, num_segments, c, h, w)
+    fold = c // shift_div
+    out = torch.zeros_like(x)
+    out[:, :-1, :fold] = x[:, 1:, :fold]  # frame t sees frame t + 1
+    out[:, 1:, fold:2 * fold] = x[:, :-1, fold:2 * fold]  # frame t sees frame t - 1
+    out[:, :, 2 * fold:] = x[:, :, 2 * fold:]
+    return out.view(nt, c, h, w)
+
+
+class TemporalShift(nn.Module):
+    """:func:`temporal_shift` as a module without parameters or buffers (adds no state-dict keys).
+
+    Used as a forward pre-hook of a residual branch's first conv (:func:`add_temporal_shift`), so
+    the shortcut keeps the unshifted activations, as TSM's "residual shift" does.
+    """
+
+    def __init__(self, num_segments: int, shift_div: int = 8):
+        super().__init__()
+        if num_segments < 1:
+            raise ValueError(f'num_segments must be >= 1, got {num_segments}')
+        if shift_div < 2:
+            raise ValueError(f'shift_div must be >= 2 (two channel groups are shifted), got {shift_div}')
+        self.num_segments = num_segments
+        self.shift_div = shift_div
+
+    def extra_repr(self) -> str:
+        return f'num_segments={self.num_segments}, shift_div={self.shift_div}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return temporal_shift(x, self.num_segments, self.shift_div)
+
+    def shift_input(self, module: nn.Module, args: tuple) -> tuple:
+        """Forward pre-hook: shift the first positional input of ``module``."""
+        return (self(args[0]),) + tuple(args[1:])
+
+
+def add_temporal_shift(owner: nn.Module, conv: nn.Module, num_segments: int, shift_div: int = 8) -> TemporalShift:
+    """Shift the input of ``conv`` in time; the shift module is registered on ``owner`` as ``temporal_shift``.
+
+    The shift sits in ``owner`` (the residual block) so it shows in ``print(model)``; being
+    parameter-free, it leaves the state dict unchanged.
+    """
+    shift = TemporalShift(num_segments, shift_div)
+    owner.temporal_shift = shift
+    conv.register_forward_pre_hook(shift.shift_input)
+    return shift
