@@ -1,0 +1,424 @@
+"""Video data: decoding with PyAV, TSN segment sampling, multi-clip / multi-crop evaluation.
+
+Sources: a CSV manifest with ``path`` and ``label`` columns (paths relative to ``root``, by
+default the CSV's folder; other columns are ignored), or a ``class_name/clip.ext`` folder tree.
+
+Decoding: PyAV (its wheels bundle FFmpeg). Every frame is decoded and only the sampled ones are
+converted to RGB, which also checks the whole file: container headers often miscount frames
+(the AVI clips of HMDB51 declare one frame more than they hold), so indices come from the frames
+actually decoded. Videos are expected short (Kinetics 10 s, Something-Something 2-6 s) and
+pre-resized to a 256-340 pixel side, as in the TSM recipes; decoding 1080p originals works but
+holds the decoded clip in memory.
+
+A clip that cannot be decoded (missing, truncated, damaged header, no video stream, zero frames)
+raises :class:`VideoDecodeError`, naming the file and the reason. With
+``on_decode_error='skip'`` it is dropped from its batch instead, with a warning naming the file,
+and counted: batches carry ``skipped``, which :class:`~lightning_modules.video.VideoClassifier`
+logs as a running total.
+
+Sampling (TSN, arXiv:1608.00859): the T frames of a clip come from T equal segments of the video,
+a random frame per segment in training, the centre of each segment in evaluation. With K clips
+per video, clip k takes the frames at ``(k + 0.5) / K`` of each segment. Each clip is then cut
+into 1 (centre) or 3 (both ends and centre of the long side) crops, and the video-level score is
+the mean of the softmax scores of its K x crops views.
+
+Batches are dicts: ``video`` of shape (B, C, T, H, W) in training and (B, V, C, T, H, W) in
+evaluation (V = clips x crops views of a video), ``label`` (B,), ``skipped`` (how many items of
+this batch were dropped).
+"""
+import csv
+import logging
+import warnings
+from pathlib import Path
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import av
+import lightning as L
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    'VIDEO_EXTENSIONS', 'VideoDecodeError', 'VideoSample', 'decode_video', 'video_num_frames', 'segment_indices',
+    'uniform_indices', 'read_manifest', 'scan_class_folders', 'train_clip_transform', 'EvalViews',
+    'VideoClipDataset', 'collate_videos', 'VideoDataModule']
+
+_logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg')
+# Containers FFmpeg must recognise for a file with this extension. A file whose header was lost
+# can still be probed as a raw stream (an AVI read as raw MPEG-4, 'm4v'): that is damage, not a video.
+_CONTAINER_FOR_EXTENSION = {
+    '.avi': 'avi', '.mp4': 'mp4', '.m4v': 'mp4', '.mov': 'mov', '.mkv': 'matroska', '.webm': 'webm'}
+DECODE_ERROR_MODES = ('raise', 'skip')
+
+
+class VideoDecodeError(RuntimeError):
+    """A clip that cannot be decoded; names the file and the reason."""
+
+    def __init__(self, path: Union[str, Path], reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f'Cannot decode video {self.path}: {reason}')
+
+
+class VideoSample(NamedTuple):
+    path: Path
+    label: int
+
+
+def _allowed_missing_frames(declared: int) -> int:
+    # Headers commonly over-count by a frame or two (HMDB51's AVIs); a truncated file loses far more.
+    return max(2, declared // 20)
+
+
+def decode_video(path: Union[str, Path]) -> List[av.VideoFrame]:
+    """Every frame of the first video stream, still in the codec's pixel format."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoDecodeError(path, 'file not found')
+    try:
+        # Some HMDB51 AVIs carry metadata that is not UTF-8: replace, don't fail.
+        with av.open(str(path), metadata_errors='replace') as container:
+            expected = _CONTAINER_FOR_EXTENSION.get(path.suffix.lower())
+            if expected and expected not in container.format.name.split(','):
+                raise VideoDecodeError(
+                    path, f'damaged header or wrong container: a {path.suffix} file that FFmpeg can only read '
+                          f'as {container.format.name!r}')
+            if not container.streams.video:
+                raise VideoDecodeError(path, 'no video stream')
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            declared = stream.frames
+            frames = list(container.decode(stream))
+    except av.FFmpegError as e:
+        raise VideoDecodeError(path, f'{type(e).__name__}: {e}') from e
+    if not frames:
+        raise VideoDecodeError(path, 'zero frames decoded')
+    if declared and len(frames) < declared - _allowed_missing_frames(declared):
+        raise VideoDecodeError(path, f'truncated: decoded {len(frames)} of the {declared} frames its header declares')
+    return frames
+
+
+def video_num_frames(path: Union[str, Path]) -> int:
+    """Frames actually decodable from ``path`` (raises :class:`VideoDecodeError` like decoding)."""
+    return len(decode_video(path))
+
+
+def frames_to_tensor(frames: Sequence[av.VideoFrame]) -> torch.Tensor:
+    """Selected frames as a uint8 (T, C, H, W) RGB tensor."""
+    return torch.stack([torch.from_numpy(f.to_ndarray(format='rgb24')) for f in frames]).permute(0, 3, 1, 2)
+
+
+def segment_indices(num_frames: int, num_segments: int, generator: Optional[torch.Generator] = None) -> List[int]:
+    """TSN training sampling: one random frame from each of ``num_segments`` equal segments.
+
+    Videos shorter than ``num_segments`` frames repeat frames, in order.
+    """
+    seg_len = num_frames / num_segments
+    offsets = torch.rand(num_segments, generator=generator)
+    return [min(int(seg_len * (i + float(offsets[i]))), num_frames - 1) for i in range(num_segments)]
+
+
+def uniform_indices(num_frames: int, num_segments: int, clip_index: int = 0, num_clips: int = 1) -> List[int]:
+    """Evaluation sampling: frame ``(clip_index + 0.5) / num_clips`` into each segment."""
+    seg_len = num_frames / num_segments
+    pos = (clip_index + 0.5) / num_clips
+    return [min(int(seg_len * (i + pos)), num_frames - 1) for i in range(num_segments)]
+
+
+def _resolve_label(label: str, classes: Optional[Sequence[str]], where: str) -> None:
+    if classes is not None and label not in classes:
+        raise ValueError(f'{where}: label {label!r} is not one of the {len(classes)} classes {list(classes)[:10]}...')
+
+
+def read_manifest(
+        csv_path: Union[str, Path],
+        root: Optional[Union[str, Path]] = None,
+        classes: Optional[Sequence[str]] = None,
+        skip_unlabelled: bool = False,
+) -> Tuple[List[Tuple[Path, str]], int]:
+    """``(path, label name)`` pairs of a CSV manifest, and the number of unlabelled rows skipped.
+
+    Paths are relative to ``root`` (default: the CSV's folder). A row with an empty label is an
+    error, or is skipped (and counted, with a warning) with ``skip_unlabelled=True``.
+    """
+    csv_path = Path(csv_path)
+    root = Path(root) if root is not None else csv_path.parent
+    with open(csv_path, newline='') as f:
+        reader = csv.DictReader(f)
+        missing = {'path', 'label'} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f'{csv_path}: manifest needs the columns path and label, missing {sorted(missing)} '
+                             f'(header: {reader.fieldnames})')
+        rows, unlabelled = [], 0
+        for line, row in enumerate(reader, start=2):
+            label = (row['label'] or '').strip()
+            if not label:
+                if not skip_unlabelled:
+                    raise ValueError(f'{csv_path} line {line}: {row["path"]!r} has no label '
+                                     f'(set skip_unlabelled=True to skip unlabelled rows)')
+                unlabelled += 1
+                continue
+            _resolve_label(label, classes, f'{csv_path} line {line}')
+            rows.append((root / row['path'].strip(), label))
+    if unlabelled:
+        _logger.warning('%s: skipped %d unlabelled rows, kept %d', csv_path, unlabelled, len(rows))
+    if not rows:
+        raise ValueError(f'{csv_path}: no labelled clips')
+    return rows, unlabelled
+
+
+def scan_class_folders(root: Union[str, Path], classes: Optional[Sequence[str]] = None) -> List[Tuple[Path, str]]:
+    """``(path, class name)`` pairs of a ``class_name/clip.ext`` tree (extensions in :data:`VIDEO_EXTENSIONS`)."""
+    root = Path(root)
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for clip in sorted(class_dir.iterdir()):
+            if clip.is_file() and clip.suffix.lower() in VIDEO_EXTENSIONS:
+                _resolve_label(class_dir.name, classes, str(clip))
+                rows.append((clip, class_dir.name))
+    if not rows:
+        raise ValueError(f'{root}: no clips found in class_name/clip.ext folders (extensions {VIDEO_EXTENSIONS})')
+    return rows
+
+
+def read_split(source: Union[str, Path], root=None, classes=None, skip_unlabelled: bool = False) -> List[Tuple[Path, str]]:
+    """A split from a CSV manifest (a ``.csv`` file) or a class-folder tree (a folder)."""
+    source = Path(source)
+    if source.is_dir():
+        return scan_class_folders(source, classes)
+    if source.suffix.lower() == '.csv' and source.is_file():
+        return read_manifest(source, root, classes, skip_unlabelled)[0]
+    raise FileNotFoundError(f'{source}: expected a CSV manifest (path,label) or a class_name/clip.ext folder')
+
+
+def train_clip_transform(
+        crop_size: int = 224,
+        scale: Tuple[float, float] = (0.25, 1.0),
+        flip: bool = True,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One random crop and flip for all frames of a clip (uint8 (T, C, H, W) -> float (T, C, H, W)).
+
+    ``scale`` close to TSM's multi-scale crop; ``flip=False`` for Something-Something, where
+    left and right change the label.
+    """
+    ops = [v2.RandomResizedCrop(crop_size, scale=scale, antialias=True)]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+class EvalViews:
+    """Resize a clip's short side, cut 1 (centre) or 3 (ends and centre of the long side) crops."""
+
+    def __init__(self, crop_size: int = 224, resize: Optional[int] = None, num_crops: int = 1,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+        if num_crops not in (1, 3):
+            raise ValueError(f'num_crops must be 1 or 3, got {num_crops}')
+        self.crop_size = crop_size
+        self.resize = resize or round(crop_size / 0.875)
+        self.num_crops = num_crops
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+    def crop_boxes(self, height: int, width: int) -> List[Tuple[int, int]]:
+        """(top, left) of each crop."""
+        s = self.crop_size
+        centre = ((height - s) // 2, (width - s) // 2)
+        if self.num_crops == 1:
+            return [centre]
+        if width >= height:
+            return [(centre[0], 0), centre, (centre[0], width - s)]
+        return [(0, centre[1]), centre, (height - s, centre[1])]
+
+    def __call__(self, clip: torch.Tensor) -> List[torch.Tensor]:
+        clip = TF.resize(tv_tensors.Video(clip), [self.resize], antialias=True)
+        h, w = clip.shape[-2:]
+        if min(h, w) < self.crop_size:
+            raise ValueError(f'crop {self.crop_size} is larger than the resized clip {h}x{w}; raise resize')
+        return [self.normalize(TF.crop(clip, top, left, self.crop_size, self.crop_size))
+                for top, left in self.crop_boxes(h, w)]
+
+
+class SkippedVideo(NamedTuple):
+    """Stands for an undecodable item with ``on_decode_error='skip'``; dropped by :func:`collate_videos`."""
+    path: str
+    reason: str
+
+
+class VideoClipDataset(Dataset):
+    """Clips of labelled videos: one random TSN clip each in training, all views in evaluation.
+
+    Items: ``(video, label)`` with ``video`` (C, T, H, W) in training and (V, C, T, H, W) in
+    evaluation, or a :class:`SkippedVideo` for an undecodable clip with ``on_decode_error='skip'``.
+    """
+
+    def __init__(
+            self,
+            samples: Sequence[VideoSample],
+            num_segments: int = 8,
+            train: bool = True,
+            transform: Optional[Callable] = None,
+            eval_views: Optional[EvalViews] = None,
+            num_clips: int = 1,
+            on_decode_error: str = 'raise',
+    ):
+        if on_decode_error not in DECODE_ERROR_MODES:
+            raise ValueError(f'on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}')
+        self.samples = list(samples)
+        self.num_segments = num_segments
+        self.train = train
+        self.transform = transform if transform is not None else train_clip_transform()
+        self.eval_views = eval_views if eval_views is not None else EvalViews()
+        self.num_clips = num_clips
+        self.on_decode_error = on_decode_error
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _train_clip(self, frames) -> torch.Tensor:
+        clip = frames_to_tensor([frames[i] for i in segment_indices(len(frames), self.num_segments)])
+        return self.transform(tv_tensors.Video(clip)).transpose(0, 1).as_subclass(torch.Tensor)  # (C, T, H, W)
+
+    def _eval_views(self, frames) -> torch.Tensor:
+        views = []
+        for k in range(self.num_clips):
+            clip = frames_to_tensor([frames[i] for i in uniform_indices(len(frames), self.num_segments, k, self.num_clips)])
+            views += [v.transpose(0, 1).as_subclass(torch.Tensor) for v in self.eval_views(clip)]
+        return torch.stack(views)  # (V, C, T, H, W)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            frames = decode_video(path)
+        except VideoDecodeError as e:
+            if self.on_decode_error == 'raise':
+                raise
+            warnings.warn(f'Skipping undecodable video {e.path}: {e.reason}', stacklevel=2)
+            return SkippedVideo(e.path, e.reason)
+        video = self._train_clip(frames) if self.train else self._eval_views(frames)
+        return video, label
+
+
+def collate_videos(items: Sequence) -> dict:
+    """Stack decoded items; drop and count :class:`SkippedVideo` ones."""
+    kept = [it for it in items if not isinstance(it, SkippedVideo)]
+    skipped = len(items) - len(kept)
+    if kept:
+        video = torch.stack([v for v, _ in kept])
+        label = torch.tensor([lbl for _, lbl in kept], dtype=torch.long)
+    else:
+        video, label = torch.empty(0), torch.empty(0, dtype=torch.long)
+    return {'video': video, 'label': label, 'skipped': torch.tensor(skipped)}
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Labelled clips from CSV manifests or class-folder trees, for :class:`~lightning_modules.video.VideoClassifier`.
+
+    Args:
+        train, val, test: a CSV manifest (``path,label``) or a ``class_name/clip.ext`` folder, per split.
+        root: folder the manifests' paths are relative to (default: each CSV's folder).
+        classes: class names in label order (default: sorted labels of the train split, else val).
+        skip_unlabelled: skip (and count) manifest rows with an empty label instead of failing.
+        num_segments: frames per clip, T (= the model's ``num_segments``).
+        crop_size: frame size fed to the model.
+        train_scale: area range of the training random-resized crop.
+        flip: random horizontal flip in training (``False`` for Something-Something).
+        eval_resize: short side before evaluation crops (default ``crop_size / 0.875``).
+        val_clips, val_crops, test_clips, test_crops: views per video in validation and test.
+        batch_size: training clips per device; eval_batch_size: videos per device in evaluation.
+        on_decode_error: ``'raise'`` or ``'skip'`` (warn, drop from the batch, count).
+    """
+
+    def __init__(
+            self,
+            train: Optional[str] = None,
+            val: Optional[str] = None,
+            test: Optional[str] = None,
+            root: Optional[str] = None,
+            classes: Optional[List[str]] = None,
+            skip_unlabelled: bool = False,
+            num_segments: int = 8,
+            crop_size: int = 224,
+            train_scale: Tuple[float, float] = (0.25, 1.0),
+            flip: bool = True,
+            eval_resize: Optional[int] = None,
+            val_clips: int = 1,
+            val_crops: int = 1,
+            test_clips: int = 10,
+            test_crops: int = 3,
+            batch_size: int = 2,
+            eval_batch_size: int = 1,
+            num_workers: int = 4,
+            on_decode_error: str = 'raise',
+            mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+            std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+    ):
+        super().__init__()
+        if not (train or val or test):
+            raise ValueError('VideoDataModule needs at least one of train, val, test')
+        if on_decode_error not in DECODE_ERROR_MODES:
+            raise ValueError(f'on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}')
+        self.save_hyperparameters()
+        self._rows = {}
+        self._classes = list(classes) if classes else None
+
+    def _split_rows(self, split: str) -> List[Tuple[Path, str]]:
+        if split not in self._rows:
+            source = getattr(self.hparams, split)
+            if source is None:
+                raise ValueError(f'VideoDataModule: no {split} split configured')
+            self._rows[split] = read_split(source, self.hparams.root, None, self.hparams.skip_unlabelled)
+        return self._rows[split]
+
+    @property
+    def classes(self) -> List[str]:
+        if self._classes is None:
+            first = next(s for s in ('train', 'val', 'test') if getattr(self.hparams, s))
+            self._classes = sorted({label for _, label in self._split_rows(first)})
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def samples(self, split: str) -> List[VideoSample]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        rows = self._split_rows(split)
+        unknown = sorted({label for _, label in rows} - set(index))
+        if unknown:
+            raise ValueError(f'{split} split has labels outside the {len(index)} classes: {unknown[:10]}')
+        return [VideoSample(path, index[label]) for path, label in rows]
+
+    def dataset(self, split: str) -> VideoClipDataset:
+        hp = self.hparams
+        if split == 'train':
+            transform = train_clip_transform(hp.crop_size, tuple(hp.train_scale), hp.flip, hp.mean, hp.std)
+            return VideoClipDataset(self.samples(split), hp.num_segments, True, transform=transform,
+                                    on_decode_error=hp.on_decode_error)
+        clips, crops = (hp.val_clips, hp.val_crops) if split == 'val' else (hp.test_clips, hp.test_crops)
+        views = EvalViews(hp.crop_size, hp.eval_resize, crops, hp.mean, hp.std)
+        return VideoClipDataset(self.samples(split), hp.num_segments, False, eval_views=views, num_clips=clips,
+                                on_decode_error=hp.on_decode_error)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.dataset(split), batch_size=hp.batch_size if split == 'train' else hp.eval_batch_size,
+            shuffle=shuffle, num_workers=hp.num_workers, collate_fn=collate_videos,
+            persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader('train', shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader('val', shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader('test', shuffle=False)

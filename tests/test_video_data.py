@@ -1,0 +1,181 @@
+"""Video data pipeline on the real clips of ../shared/data/videos: decoding, sampling, errors, DataModule."""
+import csv
+import warnings
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from lightning_modules.video_data import (
+    EvalViews, SkippedVideo, VideoClipDataset, VideoDataModule, VideoDecodeError, VideoSample, collate_videos,
+    decode_video, read_manifest, scan_class_folders, segment_indices, train_clip_transform, uniform_indices)
+
+VIDEOS = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'videos'
+MANIFEST = VIDEOS / 'labels.csv'
+pytestmark = pytest.mark.skipif(not MANIFEST.is_file(), reason=f'shared video clips not found at {VIDEOS}')
+
+
+def _manifest_rows():
+    with open(MANIFEST, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def _codec_and_size(path):
+    with av.open(str(path), metadata_errors='replace') as c:
+        s = c.streams.video[0]
+        return s.codec_context.name, (s.height, s.width)
+
+
+@pytest.mark.parametrize('row', _manifest_rows() if MANIFEST.is_file() else [], ids=lambda r: r['path'])
+def test_every_shared_clip_decodes_fully(row):
+    frames = decode_video(VIDEOS / row['path'])
+    assert len(frames) == int(row['frames'])
+    rgb = frames[-1].to_ndarray(format='rgb24')
+    assert rgb.shape == (int(row['height']), int(row['width']), 3) and rgb.std() > 0  # a real picture
+
+
+def test_shared_clips_cover_both_containers_and_codecs():
+    kinds = {(Path(r['path']).suffix, _codec_and_size(VIDEOS / r['path'])[0]) for r in _manifest_rows()}
+    assert kinds == {('.avi', 'mpeg4'), ('.mp4', 'h264')}
+
+
+def test_segment_sampling_takes_one_frame_per_segment():
+    gen = torch.Generator().manual_seed(0)
+    draws = [segment_indices(80, 8, gen) for _ in range(20)]
+    for idx in draws:
+        assert [i // 10 for i in idx] == list(range(8))  # frame i of segment i
+    assert len({tuple(d) for d in draws}) > 1  # random in training
+    short = segment_indices(3, 8, gen)
+    assert len(short) == 8 and set(short) <= {0, 1, 2} and short == sorted(short)
+
+
+def test_uniform_sampling_centres_and_spreads_clips():
+    assert uniform_indices(80, 8) == [5, 15, 25, 35, 45, 55, 65, 75]
+    clips = [uniform_indices(80, 8, k, 2) for k in range(2)]
+    assert clips == [[2, 12, 22, 32, 42, 52, 62, 72], [7, 17, 27, 37, 47, 57, 67, 77]]
+    assert uniform_indices(1, 4) == [0, 0, 0, 0]
+
+
+def test_manifest_unlabelled_rows_fail_or_are_counted(caplog):
+    with pytest.raises(ValueError, match=r'R6llTwEh07w\.mp4.*no label.*skip_unlabelled'):
+        read_manifest(MANIFEST)
+    rows, skipped = read_manifest(MANIFEST, skip_unlabelled=True)
+    assert skipped == 4 and len(rows) == 6
+    assert {label for _, label in rows} == {'wave', 'cartwheel', 'soccer_juggling'}
+    assert all(p.is_file() for p, _ in rows)
+    assert 'skipped 4 unlabelled rows' in caplog.text
+
+
+def test_manifest_without_label_column_is_rejected(tmp_path):
+    bad = tmp_path / 'bad.csv'
+    bad.write_text('file,class\na.mp4,x\n')
+    with pytest.raises(ValueError, match='path and label'):
+        read_manifest(bad)
+
+
+def test_class_folder_tree(tmp_path):
+    for row in _manifest_rows()[:6]:
+        (tmp_path / row['label']).mkdir(exist_ok=True)
+        (tmp_path / row['label'] / row['path']).symlink_to(VIDEOS / row['path'])
+    (tmp_path / 'wave' / 'notes.txt').write_text('not a clip')
+    rows = scan_class_folders(tmp_path)
+    assert len(rows) == 6 and sorted({c for _, c in rows}) == ['cartwheel', 'soccer_juggling', 'wave']
+    dm = VideoDataModule(train=str(tmp_path), num_segments=2, crop_size=64, num_workers=0)
+    assert dm.classes == ['cartwheel', 'soccer_juggling', 'wave']
+
+
+# --- corrupt clips -------------------------------------------------------------------------------
+
+def _corrupt(tmp_path, name, how):
+    data = (VIDEOS / name).read_bytes()
+    if how == 'half':
+        data = data[:len(data) // 2]
+    elif how == 'zero_header':
+        data = bytes(1024) + data[1024:]
+    elif how == 'half_zero_header':
+        data = bytes(1024) + data[1024:len(data) // 2]
+    elif how == 'empty':
+        data = b''
+    out = tmp_path / f'{how}_{name}'
+    out.write_bytes(data)
+    return out
+
+
+@pytest.mark.parametrize('name', ['v_SoccerJuggling_g23_c01.avi', 'R6llTwEh07w.mp4'])
+@pytest.mark.parametrize('how,reason', [
+    ('half', 'truncated|Invalid data'),
+    ('zero_header', 'damaged header|Invalid data'),
+    ('half_zero_header', 'damaged header|Invalid data'),
+    ('empty', 'Invalid data'),
+])
+def test_corrupt_copy_gives_a_clear_error_naming_the_file(tmp_path, name, how, reason):
+    bad = _corrupt(tmp_path, name, how)
+    with pytest.raises(VideoDecodeError, match=reason) as err:
+        decode_video(bad)
+    assert err.value.path == str(bad) and str(bad) in str(err.value)
+
+
+def test_truncated_avi_is_caught_by_its_frame_count(tmp_path):
+    # FFmpeg decodes half of a truncated AVI without complaint; only the header's count tells.
+    with pytest.raises(VideoDecodeError, match=r'truncated: decoded \d+ of the 240 frames'):
+        decode_video(_corrupt(tmp_path, 'v_SoccerJuggling_g23_c01.avi', 'half'))
+
+
+def test_missing_and_non_video_files(tmp_path):
+    with pytest.raises(VideoDecodeError, match='file not found'):
+        decode_video(tmp_path / 'nope.mp4')
+    text = tmp_path / 'text.mp4'
+    text.write_text('not a video')
+    with pytest.raises(VideoDecodeError, match='text.mp4'):
+        decode_video(text)
+
+
+def test_undecodable_clip_raises_in_the_dataset_or_is_skipped_and_counted(tmp_path):
+    bad = _corrupt(tmp_path, 'TrumanShow_wave_f_nm_np1_fr_med_26.avi', 'half_zero_header')
+    good = VIDEOS / 'TrumanShow_wave_f_nm_np1_fr_med_26.avi'
+    samples = [VideoSample(good, 1), VideoSample(bad, 0), VideoSample(good, 2)]
+    kw = dict(num_segments=2, transform=train_clip_transform(32))
+    with pytest.raises(VideoDecodeError, match=bad.name):
+        VideoClipDataset(samples, **kw)[1]
+    ds = VideoClipDataset(samples, on_decode_error='skip', **kw)
+    with pytest.warns(UserWarning, match=f'Skipping undecodable video .*{bad.name}'):
+        items = [ds[i] for i in range(3)]
+    assert isinstance(items[1], SkippedVideo) and items[1].path == str(bad)
+    batch = collate_videos(items)
+    assert batch['video'].shape == (2, 3, 2, 32, 32) and batch['label'].tolist() == [1, 2]
+    assert int(batch['skipped']) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        empty = collate_videos([ds[1]])
+    assert empty['video'].numel() == 0 and int(empty['skipped']) == 1
+
+
+# --- views and the DataModule --------------------------------------------------------------------
+
+def test_eval_views_three_crops_span_the_long_side():
+    clip = torch.linspace(0, 255, 120).round().to(torch.uint8).expand(2, 3, 60, 120).contiguous()  # brighter to the right
+    views = EvalViews(crop_size=32, resize=40, num_crops=3, mean=(0., 0., 0.), std=(1., 1., 1.))(clip)
+    assert [tuple(v.shape) for v in views] == [(2, 3, 32, 32)] * 3
+    left, centre, right = (float(v.mean()) for v in views)
+    assert left < 0.25 < centre < 0.75 < right
+    assert EvalViews(32, 40, 3).crop_boxes(40, 80) == [(4, 0), (4, 24), (4, 48)]
+    assert EvalViews(32, 40, 3).crop_boxes(80, 40) == [(0, 4), (24, 4), (48, 4)]
+    assert EvalViews(32, 40, 1).crop_boxes(40, 80) == [(4, 24)]
+
+
+def test_datamodule_batches_on_the_labelled_clips():
+    dm = VideoDataModule(train=str(MANIFEST), val=str(MANIFEST), test=str(MANIFEST), skip_unlabelled=True,
+                         num_segments=4, crop_size=64, batch_size=3, eval_batch_size=2, num_workers=0,
+                         test_clips=2, test_crops=3)
+    assert dm.classes == ['cartwheel', 'soccer_juggling', 'wave'] and dm.num_classes == 3
+    train = next(iter(dm.train_dataloader()))
+    assert train['video'].shape == (3, 3, 4, 64, 64) and train['video'].dtype == torch.float32
+    assert int(train['skipped']) == 0
+    test = next(iter(dm.test_dataloader()))
+    assert test['video'].shape == (2, 6, 3, 4, 64, 64)  # 2 clips x 3 crops per video
+    assert set(test['label'].tolist()) <= {0, 1, 2}
+    val = next(iter(dm.val_dataloader()))
+    assert val['video'].shape == (2, 1, 3, 4, 64, 64)
+    # the two clips of a video come from different frames
+    assert not torch.allclose(test['video'][0, 0], test['video'][0, 3])
