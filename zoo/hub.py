@@ -1,0 +1,367 @@
+"""Load and save zoo models safely: Hub repos, Hub-style folders and Lightning checkpoints.
+
+Weights are read only with safetensors or ``torch.load(weights_only=True)``. Every loader checks a
+file before a model sees it, so a bad file raises :class:`WeightsError` and no model is ever
+returned half-loaded:
+
+- a truncated or unreadable file (the error names the file and what to do);
+- a state dict whose digest differs from the one :func:`save_hub_folder` recorded in
+  ``config.json`` (``{"zoo": {"state_dict_sha256": ...}}``): the file was modified after publishing;
+- keys or shapes that do not fit the model.
+
+Hub repos and folders load through timm (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``
+works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the checks above and
+clear errors for missing weights offline (``HF_HUB_OFFLINE=1``).
+"""
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+from contextlib import contextmanager
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from safetensors import SafetensorError
+from timm.models import is_model, split_model_name_tag
+from timm.models._hub import load_model_config_from_path, save_for_hf
+
+__all__ = [
+    'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'state_dict_sha256', 'read_weights', 'check_state_dict',
+    'load_weights', 'verify_state_dict', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
+    'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model',
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
+_REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
+
+
+class WeightsError(RuntimeError):
+    """Weights missing, unreadable, truncated, tampered with, or not fitting the model."""
+
+
+# ----------------------------------------------------------------------------------- reading
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor (independent of file format)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to('cpu').contiguous()
+        h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _is_safetensors(path: Path) -> bool:
+    with path.open('rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{'
+
+
+def read_weights(path: Union[str, Path]) -> Any:
+    """Read a safetensors file, or a torch file with ``weights_only=True``; clear errors when bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f'Weights file {path} does not exist.')
+    size = path.stat().st_size
+    try:
+        if _is_safetensors(path):
+            return safetensors.torch.load_file(str(path), device='cpu')
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' not in str(e).lower():
+            raise WeightsError(f'Cannot read weights file {path} ({size} bytes): {e}. The file is truncated or '
+                               f'corrupted; delete it and download it again.') from e
+        raise WeightsError(
+            f'{path} holds Python objects that weights_only loading refuses ({e}). The zoo never unpickles '
+            f'arbitrary objects; if you trust the file, re-save its state_dict with safetensors.') from e
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(
+            f'Cannot read weights file {path} ({size} bytes): {e}. The file is truncated or corrupted '
+            f'(an interrupted download?). Delete it and download it again.') from e
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Raise :class:`WeightsError` unless ``state_dict`` fits ``model`` (checked before any copy)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f'{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = []
+    if wrong:
+        problems.append(f'{len(wrong)} shape mismatches ({"; ".join(wrong[:5])})')
+    if strict and missing:
+        problems.append(f'{len(missing)} missing keys ({", ".join(missing[:5])})')
+    if strict and unexpected:
+        problems.append(f'{len(unexpected)} unexpected keys ({", ".join(unexpected[:5])})')
+    if problems:
+        raise WeightsError(f'Weights do not fit {type(model).__name__}: ' + '; '.join(problems) + '.')
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Check, then copy ``state_dict`` into ``model``: all of it or (on error) nothing."""
+    check_state_dict(model, state_dict, strict=strict)
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
+
+def verify_state_dict(state_dict: Mapping[str, torch.Tensor], expected_sha256: Optional[str], source: str) -> None:
+    """Compare with the digest recorded at publishing time (skipped when none was recorded)."""
+    if not expected_sha256:
+        return
+    actual = state_dict_sha256(state_dict)
+    if actual != expected_sha256:
+        raise WeightsError(
+            f'The weights of {source} do not match the digest recorded in its {CONFIG_NAME} '
+            f'(expected sha256 {expected_sha256[:16]}..., got {actual[:16]}...): the file was modified or '
+            f'corrupted after publishing. Delete it and download it again.')
+
+
+def _recorded_sha256(config: Mapping[str, Any]) -> Optional[str]:
+    return (config.get(ZOO_CONFIG_KEY) or {}).get('state_dict_sha256')
+
+
+# ----------------------------------------------------------------------------------- saving
+
+def save_hub_folder(
+        model: nn.Module,
+        folder: Union[str, Path],
+        label_names: Optional[Any] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``model.safetensors`` and timm's ``config.json`` (with the state-dict digest) to ``folder``.
+
+    Uses timm's ``save_for_hf``, so the folder loads with ``timm.create_model('local-dir:FOLDER')``
+    and, once pushed, with ``hf-hub:``. ``data_config`` overrides mean/std/input size/crop.
+    """
+    folder = Path(folder)
+    zoo_meta = dict(extra or {}, state_dict_sha256=state_dict_sha256(model.state_dict()), weights=WEIGHTS_NAME)
+    model_config = {ZOO_CONFIG_KEY: zoo_meta}
+    if label_names:
+        model_config['label_names'] = list(label_names)
+    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    return folder
+
+
+# ----------------------------------------------------------------------------------- Hub repos and folders
+
+def _offline() -> bool:
+    return bool(hf_constants.HF_HUB_OFFLINE)
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: Optional[str]):
+    """Turn huggingface_hub's download errors into ones that say what to download or set."""
+    where = f'{repo_id}' + (f'@{revision}' if revision else '')
+    try:
+        yield
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(
+            f'{where} is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and the Hub cannot be reached'
+            f'{" (HF_HUB_OFFLINE=1)" if _offline() else ""}. Where there is internet, run '
+            f'`hf download {repo_id}{f" --revision {revision}" if revision else ""}` and bring that cache here '
+            f'(or point HF_HUB_CACHE at it), or save the model folder and load it with local-dir:PATH.') from e
+    except RevisionNotFoundError as e:
+        raise WeightsError(f'{where}: revision {revision!r} does not exist.') from e
+    except RepositoryNotFoundError as e:
+        raise WeightsError(
+            f'{where}: no such repo, or it is private or gated. Log in with `hf auth login` '
+            f'or set HF_TOKEN to a token that can read it.') from e
+    except EntryNotFoundError as e:
+        raise WeightsError(f'{where} has no {e}: was it published with hub_upload.py (or timm push_to_hf_hub)?') from e
+
+
+def _resolve_folder(source: str, revision: Optional[str], cache_dir) -> Tuple[Path, str]:
+    """``(folder holding config.json and the weights, label for messages)`` for a dir or a repo id."""
+    if source.startswith('local-dir:'):
+        source = source[len('local-dir:'):]
+        if not Path(source).is_dir():
+            raise WeightsError(f'local-dir:{source} is not a directory.')
+    if Path(source).is_dir():
+        folder = Path(source)
+        if not (folder / CONFIG_NAME).is_file():
+            raise WeightsError(f'{folder} has no {CONFIG_NAME}: not a Hub-style model folder (see hub_upload.py).')
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise WeightsError(f'{folder} has no {WEIGHTS_NAME}: copy the weights next to {CONFIG_NAME}.')
+        return folder, str(folder)
+    repo_id = source[len('hf-hub:'):] if source.startswith(('hf-hub:', 'hf_hub:')) else source
+    if not _REPO_ID.match(repo_id):
+        raise WeightsError(f'{source!r} is neither an existing folder nor a Hub repo id (ORG/NAME).')
+    if '@' in repo_id:
+        repo_id, revision = repo_id.split('@', 1)
+    with _hub_errors(repo_id, revision):
+        cfg_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
+    return Path(cfg_file).parent, f'hf-hub:{repo_id}' + (f'@{revision}' if revision else '')
+
+
+def load_hub_model(
+        source: str,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        **kwargs,
+) -> nn.Module:
+    """A model from a Hub repo (``ORG/NAME``, ``hf-hub:ORG/NAME[@REV]``) or a folder (``local-dir:PATH``).
+
+    Checks the weights (readable, digest, keys and shapes) before timm builds the model and loads
+    them; kwargs go to ``timm.create_model`` (e.g. ``num_classes=5`` re-initialises the classifier).
+    """
+    folder, label = _resolve_folder(source, revision, cache_dir)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    state_dict = read_weights(folder / WEIGHTS_NAME)
+    verify_state_dict(state_dict, _recorded_sha256(config), label)
+    pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+    if not is_model(arch):
+        raise WeightsError(f'{label} needs architecture {arch!r}, which is not registered (import its package first).')
+    for k in ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url'):
+        pretrained_cfg.pop(k, None)
+    pretrained_cfg['state_dict'] = state_dict  # timm's highest-priority weight source: no second read
+    for k, v in (model_args or {}).items():
+        kwargs.setdefault(k, v)
+    try:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg=pretrained_cfg, **kwargs)
+    except RuntimeError as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(f'Weights of {label} do not fit {arch}: {e}') from e
+    model.pretrained_cfg.pop('state_dict', None)
+    model.pretrained_cfg['source'] = label
+    return model
+
+
+# ----------------------------------------------------------------------------------- Lightning checkpoints
+
+_MODEL_NAME_KEYS = ('model_name', 'model', 'arch', 'architecture', 'backbone')
+_MODEL_KWARG_KEYS = ('num_classes', 'in_chans', 'ws_formula', 'norm_groups', 'norm_kwargs', 'global_pool')
+_MODEL_KWARGS_DICTS = ('model_kwargs', 'model_args')
+
+
+@dataclass
+class LightningCheckpoint:
+    """What a Lightning checkpoint tells about the model it holds and the run that produced it."""
+    path: Path
+    state_dict: Dict[str, torch.Tensor]
+    hparams: Dict[str, Any]
+    model_name: Optional[str]
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    epoch: Optional[int] = None
+    global_step: Optional[int] = None
+    monitor: Optional[str] = None
+    best_score: Optional[float] = None
+
+
+def _walk(d: Any):
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            yield k, v
+            yield from _walk(v)
+
+
+def _find_model_name(hparams: Mapping[str, Any]) -> Optional[str]:
+    for k, v in _walk(hparams):
+        if k in _MODEL_NAME_KEYS and isinstance(v, str) and is_model(split_model_name_tag(v)[0]):
+            return v
+    return None
+
+
+def _find_model_kwargs(hparams: Mapping[str, Any]) -> Dict[str, Any]:
+    kwargs = {}
+    for k, v in _walk(hparams):
+        if k in _MODEL_KWARGS_DICTS and isinstance(v, Mapping):
+            kwargs.update(v)
+    for k in _MODEL_KWARG_KEYS:
+        if k in hparams and hparams[k] is not None:
+            kwargs.setdefault(k, deepcopy(hparams[k]))
+    return kwargs
+
+
+def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
+    """Read (``weights_only=True``) a Lightning ``.ckpt``: state dict, hyper-parameters, best score."""
+    path = Path(path)
+    ckpt = read_weights(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), Mapping):
+        raise WeightsError(f'{path} is not a Lightning checkpoint (no "state_dict" entry).')
+    hparams = dict(ckpt.get('hyper_parameters') or {})
+    monitor = best = None
+    for state in (ckpt.get('callbacks') or {}).values():
+        if isinstance(state, Mapping) and state.get('best_model_score') is not None:
+            monitor, best = state.get('monitor'), float(state['best_model_score'])
+            break
+    return LightningCheckpoint(
+        path=path, state_dict=dict(ckpt['state_dict']), hparams=hparams, model_name=_find_model_name(hparams),
+        model_kwargs=_find_model_kwargs(hparams), epoch=ckpt.get('epoch'), global_step=ckpt.get('global_step'),
+        monitor=monitor, best_score=best)
+
+
+def _strip_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
+    """Drop the LightningModule attribute prefix (``model.``, ``net.``, ...) that best fits the model."""
+    model_keys = set(model_keys)
+    best_prefix, best_hits = '', sum(k in model_keys for k in state_dict)
+    for k in state_dict:
+        for i, ch in enumerate(k):
+            if ch != '.':
+                continue
+            prefix = k[:i + 1]
+            if prefix == best_prefix:
+                continue
+            hits = sum(key[len(prefix):] in model_keys for key in state_dict if key.startswith(prefix))
+            if hits > best_hits:
+                best_prefix, best_hits = prefix, hits
+        if best_hits == len(model_keys):
+            break
+    return {k[len(best_prefix):]: v for k, v in state_dict.items() if k.startswith(best_prefix)}
+
+
+def load_lightning_checkpoint(
+        path: Union[str, Path],
+        model_name: Optional[str] = None,
+        strict: bool = True,
+        **kwargs,
+) -> nn.Module:
+    """The timm / zoo model inside a Lightning checkpoint, with its weights.
+
+    The architecture comes from ``model_name`` or the checkpoint's hyper-parameters (``model_name``,
+    ``model``, ``arch``; plus ``num_classes``, ``ws_formula``, ``norm_kwargs``, ``model_kwargs``);
+    the LightningModule's attribute prefix (``model.``) is found by matching the model's keys.
+    """
+    ckpt = read_lightning_checkpoint(path)
+    name = model_name or ckpt.model_name
+    if not name:
+        raise WeightsError(
+            f'{path}: the checkpoint does not name its model (no model_name/model/arch hyper-parameter); '
+            f'pass model_name=...')
+    build_kwargs = dict(ckpt.model_kwargs, **kwargs)
+    model = timm.create_model(name, **build_kwargs)
+    state_dict = _strip_to_model_keys(ckpt.state_dict, model.state_dict().keys())
+    classifier = model.pretrained_cfg.get('classifier') or 'fc'
+    w = state_dict.get(f'{classifier}.weight')
+    if 'num_classes' not in build_kwargs and w is not None and w.shape[0] != getattr(model, 'num_classes', w.shape[0]):
+        model = timm.create_model(name, **dict(build_kwargs, num_classes=w.shape[0]))
+    load_weights(model, state_dict, strict=strict)
+    return model
+
+
+def load_model(source: Union[str, Path], **kwargs) -> nn.Module:
+    """Any saved zoo model: a Lightning ``.ckpt``, a Hub folder, ``local-dir:``/``hf-hub:`` or ``ORG/NAME``."""
+    s = str(source)
+    if Path(s).is_file():
+        return load_lightning_checkpoint(s, **kwargs)
+    return load_hub_model(s, **kwargs)

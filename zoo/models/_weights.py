@@ -1,0 +1,135 @@
+"""Pretrained tags that need their own build args, and the builder every zoo entrypoint can share.
+
+Some weights were trained with settings other than the zoo's defaults: the authors' GN+WS
+ImageNet weights need ``ws_formula='ws'``, their BCN+WS ones ``ws_formula='bcn'`` and a
+large-batch BCN stage. A :class:`WeightSpec` registered for ``'arch.tag'`` carries those build
+args and a converter for the published file layout; :func:`build_zoo_model` applies them.
+
+When the tag's args apply (the zoo's decision):
+- an explicit tag (``timm.create_model('resnet50_wsbcn.in1k')``): always, pretrained or not,
+  so the model is the one those weights fit (load a local copy later, or fine-tune it);
+- no tag and ``pretrained=True``: the default tag's weights are loaded, so its args apply;
+- no tag and ``pretrained=False``: the zoo defaults (``ws_formula='zoo'``, estimated BCN stage);
+- a ``pretrained_cfg`` dict (``hf-hub:``, ``local-dir:``): never; such configs carry their own
+  ``model_args``.
+Explicit kwargs always win over a tag's args.
+
+Weights from a Hub repo or folder written by :func:`zoo.hub.save_hub_folder` are checked against
+the digest in its ``config.json``, and unreadable files raise :class:`zoo.hub.WeightsError`.
+"""
+import json
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+
+__all__ = ['WeightSpec', 'WEIGHT_SPECS', 'register_weight_spec', 'weight_spec_for', 'build_zoo_model']
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Build args a tag's weights need, and a converter ``fn(state_dict, model)`` for their layout."""
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    filter_fn: Optional[Callable] = None
+
+
+WEIGHT_SPECS: Dict[str, WeightSpec] = {}
+
+
+def register_weight_spec(name_with_tag: str, spec: WeightSpec) -> None:
+    if '.' not in name_with_tag:
+        raise ValueError(f'register_weight_spec needs "arch.tag", got {name_with_tag!r}')
+    WEIGHT_SPECS[name_with_tag] = spec
+
+
+def weight_spec_for(variant: str, pretrained: bool, pretrained_cfg: Any, pretrained_cfg_overlay=None) -> Optional[WeightSpec]:
+    """The spec that applies to this build (see the module docstring), or None."""
+    if isinstance(pretrained_cfg, str) and pretrained_cfg:
+        return WEIGHT_SPECS.get(f'{variant}.{pretrained_cfg}')
+    if pretrained_cfg is None and pretrained:
+        tag = resolve_pretrained_cfg(variant, None, pretrained_cfg_overlay).tag
+        return WEIGHT_SPECS.get(f'{variant}.{tag}') if tag else None
+    return None
+
+
+def _recorded_digest(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[str]:
+    """Digest from the config.json next to Hub / local-dir weights (None for other sources)."""
+    from zoo.hub import CONFIG_NAME, _recorded_sha256
+    source = pretrained_cfg.get('source')
+    if source == 'local-dir' and pretrained_cfg.get('file'):
+        cfg_file = Path(pretrained_cfg['file']) / CONFIG_NAME
+    elif source == 'hf-hub' and pretrained_cfg.get('hf_hub_id'):
+        from huggingface_hub import hf_hub_download
+        from timm.models._hub import hf_split
+        repo_id, revision = hf_split(pretrained_cfg['hf_hub_id'])
+        cfg_file = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
+    else:
+        return None
+    return _recorded_sha256(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+
+
+def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
+    def filter_fn(state_dict, model):
+        from zoo.hub import check_state_dict, verify_state_dict
+        cfg = model.pretrained_cfg
+        verify_state_dict(state_dict, _recorded_digest(cfg, cache_dir), cfg.get('hf_hub_id') or cfg.get('file') or '')
+        if spec is not None and spec.filter_fn is not None:
+            state_dict = spec.filter_fn(state_dict, model)
+        # timm adapts the classifier (other num_classes) and the stem (other in_chans) after this
+        # filter; check everything else up front, so a bad file never reaches load_state_dict.
+        adapted = set()
+        classifier = cfg.get('classifier')
+        if classifier and getattr(model, 'num_classes', None) != cfg.get('num_classes'):
+            adapted |= {f'{classifier}.weight', f'{classifier}.bias'}
+        if cfg.get('first_conv'):
+            adapted.add(f'{cfg["first_conv"]}.weight')
+        expected = model.state_dict()
+        check_state_dict(model, {k: v for k, v in state_dict.items() if k not in adapted}, strict=False)
+        missing = [k for k in expected if k not in state_dict and k not in adapted]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            from zoo.hub import WeightsError
+            raise WeightsError(
+                f'Pretrained weights for {cfg.get("architecture")} do not fit the model: missing '
+                f'{missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}).')
+        return state_dict
+    return filter_fn
+
+
+def _weights_location(variant: str, pretrained_cfg, overlay) -> str:
+    if isinstance(pretrained_cfg, dict):
+        cfg = pretrained_cfg
+    else:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay).to_dict()
+    return str(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or variant)
+
+
+def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretrained_cfg=None,
+                    pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+    """``timm.build_model_with_cfg`` plus tag build args, layout converters and weight checks."""
+    from zoo.hub import WeightsError
+    spec = weight_spec_for(variant, pretrained, pretrained_cfg, pretrained_cfg_overlay)
+    tag_args = deepcopy(spec.model_args) if spec else {}
+    for k, v in tag_args.items():
+        kwargs.setdefault(k, v)
+    try:
+        model = build_model_with_cfg(
+            model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg,
+            pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir,
+            pretrained_filter_fn=_make_filter(spec, cache_dir), **kwargs)
+    except WeightsError:
+        raise
+    except (OSError, EOFError, ValueError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        where = _weights_location(variant, pretrained_cfg, pretrained_cfg_overlay)
+        raise WeightsError(
+            f'Could not load the pretrained weights of {variant} from {where}: {type(e).__name__}: {e}. '
+            f'If the file is truncated or corrupted, delete it (from the HF cache or ~/.cache/torch/hub) and '
+            f'download it again; offline, download it elsewhere and pass '
+            f'pretrained_cfg_overlay=dict(file=PATH), or load a saved folder with local-dir:PATH.') from e
+    # Recorded as model args so that an export (timm save_for_hf) rebuilds the same model.
+    model._model_args = dict(tag_args, **getattr(model, '_model_args', {}))
+    return model
