@@ -1,0 +1,51 @@
+"""``zoo-train``: LightningCLI for the zoo (fit / validate / test / predict, ``--print_config``).
+
+    zoo-train fit -c configs/cifar10/resnet20_wsbcn.yaml
+    zoo-train fit -c configs/cifar10/resnet20_wsbcn.yaml --ckpt_path last     # resume
+    zoo-train fit -c configs/cifar10/resnet20_wsbcn.yaml --print_config
+
+Model and data are chosen by ``class_path`` in the config (any LightningModule /
+LightningDataModule, e.g. ``lightning_modules.ImageClassifier`` and
+``lightning_modules.Cifar10DataModule``). Extra option: ``--test_after_fit true`` runs the test
+set after ``fit`` with the final weights and prints top-1.
+"""
+from typing import Optional, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+import zoo  # noqa: F401  (registers the zoo models in timm)
+
+__all__ = ['ZooCLI', 'main']
+
+
+class ZooCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument('--test_after_fit', type=bool, default=False,
+                            help='After fit, evaluate the final weights on the test set and print top-1.')
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get('test_after_fit'):
+            return
+        if self.trainer.interrupted:
+            return
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if self.trainer.is_global_zero and results:
+            metrics = results[0]
+            top1 = metrics.get('test/top1')
+            ckpt = self.trainer.checkpoint_callback
+            where = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ''
+            n = len(self.datamodule.test_set) if getattr(self.datamodule, 'test_set', None) is not None else '?'
+            print(f'\nTest top-1: {100 * top1:.2f}% on {n} test images'
+                  + (f', top-5: {100 * metrics["test/top5"]:.2f}%' if 'test/top5' in metrics else '')
+                  + (f'\nCheckpoint: {where}' if where else ''), flush=True)
+
+
+def main(args: Optional[Sequence[str]] = None) -> ZooCLI:
+    return ZooCLI(
+        pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        save_config_kwargs={'overwrite': True}, args=args)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,105 @@
+"""Optimizer and learning-rate schedule for the zoo's Lightning modules (image and video alike).
+
+Built on timm: ``create_optimizer_v2`` (SGD / AdamW) and ``create_scheduler_v2`` (warm-up, then
+cosine or step decay), stepped per optimizer update so that short runs and resumed runs follow the
+same curve. Parameter groups:
+
+- no weight decay on norm weights and biases (every parameter with ``ndim <= 1``: BN / GN / BCN
+  affines, conv and linear biases) nor on names in ``model.no_weight_decay()``;
+- an ``lr_scale`` per group (timm's schedulers multiply the scheduled lr by it), used to give a
+  fine-tuned backbone a lower learning rate than its new head;
+- parameters with ``requires_grad=False`` (a frozen backbone) are left out.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+__all__ = ['OptimConfig', 'OPTIMIZERS', 'SCHEDULES', 'param_groups', 'create_optimizer', 'create_scheduler', 'head_parameters']
+
+OPTIMIZERS = ('sgd', 'adamw')
+SCHEDULES = ('cosine', 'step', 'multistep', 'constant')
+
+
+@dataclass
+class OptimConfig:
+    """Everything the optimizer and schedule need; epochs may be fractional (converted to steps)."""
+    optimizer: str = 'sgd'
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: Sequence[float] = (0.9, 0.999)
+    schedule: str = 'cosine'
+    warmup_epochs: float = 0.
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.
+    decay_epochs: float = 30.  # 'step': decay every this many epochs
+    milestones: Sequence[float] = field(default_factory=lambda: (30., 60., 90.))  # 'multistep'
+    decay_rate: float = 0.1
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f'Unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.')
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f'Unknown schedule {self.schedule!r}; choose one of {SCHEDULES}.')
+        if self.lr <= 0:
+            raise ValueError(f'lr must be positive, got {self.lr}')
+
+
+def head_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The classifier's parameters (timm models name it through ``get_classifier``)."""
+    get = getattr(model, 'get_classifier', None)
+    head = get() if callable(get) else None
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> List[Dict[str, Any]]:
+    """Groups by (head or backbone) x (decayed or not); trainable parameters only."""
+    no_decay_names = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    head_ids = {id(p) for p in head_parameters(model)}
+    groups: Dict[tuple, Dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith('.bias') or name in no_decay_names)
+        is_head = id(p) in head_ids
+        key = (is_head, decay)
+        if key not in groups:
+            groups[key] = {
+                'params': [], 'weight_decay': weight_decay if decay else 0.,
+                'lr_scale': 1.0 if is_head else backbone_lr_scale,
+                'name': f'{"head" if is_head else "backbone"}_{"decay" if decay else "no_decay"}'}
+        groups[key]['params'].append(p)
+    if not groups:
+        raise ValueError('The model has no trainable parameters (is everything frozen?)')
+    return list(groups.values())
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig, backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, backbone_lr_scale)
+    if cfg.optimizer == 'sgd':
+        return create_optimizer_v2(groups, opt='sgd', lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return create_optimizer_v2(groups, opt='adamw', lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, num_epochs: float, steps_per_epoch: int):
+    """A timm scheduler in optimizer steps: call ``step_update(global_step)`` after each update."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.schedule,
+        num_epochs=num_epochs,
+        decay_epochs=cfg.decay_epochs,
+        decay_milestones=list(cfg.milestones),
+        decay_rate=cfg.decay_rate,
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs,
+        step_on_epochs=False,
+        updates_per_epoch=max(1, steps_per_epoch),
+    )
+    scheduler.step_update(0)  # apply warm-up / lr_scale before the first step
+    return scheduler
