@@ -146,15 +146,19 @@ def save_hub_folder(
         label_names: Optional[Any] = None,
         data_config: Optional[Dict[str, Any]] = None,
         extra: Optional[Dict[str, Any]] = None,
+        pretrained_cfg: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write ``model.safetensors`` and timm's ``config.json`` (with the state-dict digest) to ``folder``.
 
     Uses timm's ``save_for_hf``, so the folder loads with ``timm.create_model('local-dir:FOLDER')``
-    and, once pushed, with ``hf-hub:``. ``data_config`` overrides mean/std/input size/crop.
+    and, once pushed, with ``hf-hub:``. ``data_config`` overrides mean/std/input size/crop;
+    ``pretrained_cfg`` overrides other fields (e.g. the description); ``extra`` goes under ``"zoo"``.
     """
     folder = Path(folder)
     zoo_meta = dict(extra or {}, state_dict_sha256=state_dict_sha256(model.state_dict()), weights=WEIGHTS_NAME)
     model_config = {ZOO_CONFIG_KEY: zoo_meta}
+    if pretrained_cfg:
+        model_config['pretrained_cfg'] = dict(pretrained_cfg)
     if label_names:
         model_config['label_names'] = list(label_names)
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)

@@ -18,11 +18,13 @@ Weights from a Hub repo or folder written by :func:`zoo.hub.save_hub_folder` are
 the digest in its ``config.json``, and unreadable files raise :class:`zoo.hub.WeightsError`.
 """
 import json
+import pickle
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 __all__ = ['WeightSpec', 'WEIGHT_SPECS', 'register_weight_spec', 'weight_spec_for', 'build_zoo_model']
@@ -121,7 +123,7 @@ def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretraine
             pretrained_filter_fn=_make_filter(spec, cache_dir), **kwargs)
     except WeightsError:
         raise
-    except (OSError, EOFError, ValueError, RuntimeError) as e:
+    except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
         if not pretrained:
             raise
         where = _weights_location(variant, pretrained_cfg, pretrained_cfg_overlay)
