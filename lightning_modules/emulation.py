@@ -63,12 +63,17 @@ class VirtualDeviceNorm(nn.Module):
             return self.norm(x)
         chunks = split_devices(x, self.num_devices)
         outputs = [self.norm(chunks[0])]
-        kept = [(b, b.detach().clone()) for b in self.norm.buffers(recurse=False)]
-        for chunk in chunks[1:]:
-            outputs.append(self.norm(chunk))
-        with torch.no_grad():
-            for buf, value in kept:
-                buf.copy_(value)
+        # Other devices update throw-away copies of the buffers (never restore in place: autograd
+        # may have saved the running stats for backward).
+        buffers = dict(self.norm._buffers)
+        try:
+            for chunk in chunks[1:]:
+                for name, buf in buffers.items():
+                    if buf is not None:
+                        self.norm._buffers[name] = buf.detach().clone()
+                outputs.append(self.norm(chunk))
+        finally:
+            self.norm._buffers.update(buffers)
         return torch.cat(outputs)
 
 
