@@ -163,7 +163,10 @@ class ImageClassifier(pl.LightningModule):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which runs after checkpoint callbacks: a checkpoint
+        # saved at this step must already hold this step's EMA.
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
