@@ -417,7 +417,9 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader('train', shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self):
+        if self.hparams.val is None:
+            return []  # no validation split: Lightning skips validation
         return self._loader('val', shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
