@@ -170,7 +170,7 @@ def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
         kwargs = dict(pretrained_cfg_overlay=dict(file=args.weights)) if args.weights else {}
         model = zoo.create_model(args.source, pretrained=True, **kwargs)
         info.source = f'{args.source} ({args.weights or model.pretrained_cfg.get("url") or "its pretrained weights"})'
-        if model.num_classes == 1000:
+        if model.num_classes == 1000 and str(model.pretrained_cfg.get('tag') or '').endswith('in1k'):
             info.dataset = 'imagenet-1k'
             info.label_names = list(timm.data.ImageNetInfo().label_names())
         info.metrics = {n: v for n, v in (note.split(': ', 1) for note in model.pretrained_cfg.get('notes') or ()

@@ -95,7 +95,6 @@ def _parse_args(argv):
 
 
 def main(argv: Optional[list] = None) -> int:
-    import timm
     import zoo
     from zoo.hub import WeightsError, save_hub_folder
     args = _parse_args(argv)

@@ -16,7 +16,6 @@ clear errors for missing weights offline (``HF_HUB_OFFLINE=1``).
 import hashlib
 import json
 import logging
-import os
 import pickle
 import re
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ import torch.nn as nn
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
-    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError
 from timm.models import is_model, split_model_name_tag
 from timm.models._hub import load_model_config_from_path, save_for_hf
