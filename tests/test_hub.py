@@ -282,3 +282,15 @@ def test_push_folder_creates_repo_branch_and_one_commit(exported):
     api = RecordingHfApi()
     hub_upload.push_folder(exported, 'wsbcn-zoo/r20', api=api)
     assert [c[0] for c in api.calls] == ['create_repo', 'upload_folder']
+
+
+def test_lightning_checkpoint_prefers_ema_weights(trained, tmp_path):
+    """A module keeping an EMA (``ema.module.*``) validated with it: that copy is the one loaded."""
+    ckpt = torch.load(trained[1], weights_only=True)
+    raw = {k: v for k, v in ckpt['state_dict'].items() if k.startswith('model.')}
+    ckpt['state_dict'].update({f'ema.module.{k[len("model."):]}': v + 1 if v.is_floating_point() else v for k, v in raw.items()})
+    torch.save(ckpt, tmp_path / 'ema.ckpt')
+    ema = zoo.load_lightning_checkpoint(tmp_path / 'ema.ckpt')
+    assert torch.equal(ema.fc.bias, raw['model.fc.bias'] + 1)
+    plain = zoo.load_lightning_checkpoint(tmp_path / 'ema.ckpt', use_ema=False)
+    assert torch.equal(plain.fc.bias, raw['model.fc.bias'])

@@ -314,32 +314,34 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
         monitor=monitor, best_score=best)
 
 
-def _strip_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
-    """Drop the LightningModule attribute prefix (``model.``, ``net.``, ...) that best fits the model."""
+def _strip_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """Drop the LightningModule attribute prefix (``model.``, ``ema.module.``, ...) that fits the model.
+
+    When both the raw weights and an EMA copy fit, ``use_ema`` picks the EMA (timm's convention,
+    and the weights a module that validates with its EMA reported metrics for).
+    """
     model_keys = set(model_keys)
-    best_prefix, best_hits = '', sum(k in model_keys for k in state_dict)
+    candidates = {'': sum(k in model_keys for k in state_dict)}
     for k in state_dict:
         for i, ch in enumerate(k):
-            if ch != '.':
-                continue
-            prefix = k[:i + 1]
-            if prefix == best_prefix:
-                continue
-            hits = sum(key[len(prefix):] in model_keys for key in state_dict if key.startswith(prefix))
-            if hits > best_hits:
-                best_prefix, best_hits = prefix, hits
-        if best_hits == len(model_keys):
-            break
-    return {k[len(best_prefix):]: v for k, v in state_dict.items() if k.startswith(best_prefix)}
+            if ch == '.' and k[:i + 1] not in candidates:
+                prefix = k[:i + 1]
+                candidates[prefix] = sum(key[len(prefix):] in model_keys for key in state_dict if key.startswith(prefix))
+    best = max(candidates.values())
+    fitting = [p for p, hits in candidates.items() if hits == best]
+    ema = [p for p in fitting if 'ema' in p.lower()]
+    prefix = (ema if use_ema and ema else [p for p in fitting if p not in ema] or fitting)[0]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_lightning_checkpoint(
         path: Union[str, Path],
         model_name: Optional[str] = None,
         strict: bool = True,
+        use_ema: bool = True,
         **kwargs,
 ) -> nn.Module:
-    """The timm / zoo model inside a Lightning checkpoint, with its weights.
+    """The timm / zoo model inside a Lightning checkpoint, with its weights (its EMA copy if it has one).
 
     The architecture comes from ``model_name`` or the checkpoint's hyper-parameters (``model_name``,
     ``model``, ``arch``; plus ``num_classes``, ``ws_formula``, ``norm_kwargs``, ``model_kwargs``);
@@ -351,9 +353,10 @@ def load_lightning_checkpoint(
         raise WeightsError(
             f'{path}: the checkpoint does not name its model (no model_name/model/arch hyper-parameter); '
             f'pass model_name=...')
-    build_kwargs = dict(ckpt.model_kwargs, **kwargs)
+    build_kwargs = {k: v for k, v in ckpt.model_kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay')}
+    build_kwargs.update(kwargs)
     model = timm.create_model(name, **build_kwargs)
-    state_dict = _strip_to_model_keys(ckpt.state_dict, model.state_dict().keys())
+    state_dict = _strip_to_model_keys(ckpt.state_dict, model.state_dict().keys(), use_ema=use_ema)
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     w = state_dict.get(f'{classifier}.weight')
     if 'num_classes' not in build_kwargs and w is not None and w.shape[0] != getattr(model, 'num_classes', w.shape[0]):
