@@ -91,9 +91,12 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, num_epo
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.schedule,
-        num_epochs=num_epochs,
+        num_epochs=max(num_epochs - cfg.warmup_epochs, 1. / max(1, steps_per_epoch)),
+        warmup_prefix=True,  # decay starts from the peak lr once warm-up ends; total stays num_epochs
         decay_epochs=cfg.decay_epochs,
-        decay_milestones=list(cfg.milestones),
+        # timm's multistep decays when t + 1 reaches a milestone; shift by one update so the decay
+        # starts exactly at the milestone's first step.
+        decay_milestones=[m + 1. / max(1, steps_per_epoch) for m in cfg.milestones],
         decay_rate=cfg.decay_rate,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,

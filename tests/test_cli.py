@@ -1,0 +1,49 @@
+"""zoo-train (LightningCLI): every shipped config parses; a tiny fit + test prints top-1 and leaves a checkpoint."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_modules.cli import main
+from test_data import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (REPO / 'configs').rglob('*.yaml') if 'video' not in p.parts)
+
+
+def test_configs_exist_for_every_cifar_variant():
+    names = {p.stem for p in CONFIGS}
+    for v in ('', '_wsbn', '_gn', '_wsgn', '_bcn', '_wsbcn', '_bgn', '_wsbgn'):
+        assert f'resnet20{v}' in names
+    assert {'quickstart', 'resnet50_wsbcn_2x32', 'resnet50_bn_b256', 'resnet101_wsgn_fsdp'} <= names
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=lambda p: str(p.relative_to(REPO / 'configs')))
+def test_print_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['fit', '-c', str(config), '--print_config'])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source = yaml.safe_load(config.read_text())
+    assert printed['model']['init_args']['model_name'] == source['model']['init_args']['model_name']
+    assert printed['data']['init_args']['batch_size'] == source['data']['init_args']['batch_size']
+
+
+def test_unknown_model_name_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match='Close matches'):
+        main(['fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbnc',
+              '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(tmp_path), '--trainer.logger', 'false'])
+
+
+def test_fit_then_test_prints_top1_and_leaves_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / 'data', per_class=4)
+    main(['fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
+          '--model.num_classes', '3', '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(root),
+          '--data.input_size', '16', '--data.batch_size', '2', '--data.virtual_devices', '2', '--data.num_workers', '0',
+          '--trainer.max_steps', '3', '--trainer.accelerator', 'cpu', '--trainer.logger', 'false',
+          '--trainer.default_root_dir', str(tmp_path / 'run'), '--trainer.enable_progress_bar', 'false',
+          '--test_after_fit', 'true'])
+    out = capsys.readouterr().out
+    assert 'Test top-1:' in out and 'on 12 test images' in out
+    assert list((tmp_path / 'run').rglob('*.ckpt'))
