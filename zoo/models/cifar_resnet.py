@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
@@ -21,6 +21,7 @@ from timm.models.resnet import BasicBlock, ResNet, make_blocks
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer
 from .resnet import check_image_batch
+from ._weights import build_zoo_model
 
 __all__ = ['CifarResNet', 'CIFAR_DEPTHS', 'ZOO_CIFAR_MODELS']
 
@@ -183,7 +184,7 @@ def _make_entrypoint(depth: int, suffix: str):
     def entrypoint(pretrained: bool = False, **kwargs) -> CifarResNet:
         model_args = dict(layers=(n, n, n), norm_variant=_variant_of(suffix))
         kwargs.setdefault('feature_cfg', dict(out_indices=(0, 1, 2, 3)))
-        return build_model_with_cfg(CifarResNet, name, pretrained, **dict(model_args, **kwargs))
+        return build_zoo_model(CifarResNet, name, pretrained, **dict(model_args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
