@@ -41,6 +41,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .datamodules import resolve_path
+
 __all__ = [
     'VIDEO_EXTENSIONS', 'VideoDecodeError', 'VideoSample', 'decode_video', 'video_num_frames', 'segment_indices',
     'uniform_indices', 'read_manifest', 'scan_class_folders', 'train_clip_transform', 'EvalViews',
@@ -322,7 +324,8 @@ class VideoDataModule(L.LightningDataModule):
     """Labelled clips from CSV manifests or class-folder trees, for :class:`~lightning_modules.video.VideoClassifier`.
 
     Args:
-        train, val, test: a CSV manifest (``path,label``) or a ``class_name/clip.ext`` folder, per split.
+        train, val, test: a CSV manifest (``path,label``) or a ``class_name/clip.ext`` folder, per split
+            (relative to the working directory, else to the repository root).
         root: folder the manifests' paths are relative to (default: each CSV's folder).
         classes: class names in label order (default: sorted labels of the train split, else val).
         skip_unlabelled: skip (and count) manifest rows with an empty label instead of failing.
@@ -368,13 +371,15 @@ class VideoDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._rows = {}
         self._classes = list(classes) if classes else None
+        self.train_set = self.val_set = self.test_set = None
 
     def _split_rows(self, split: str) -> List[Tuple[Path, str]]:
         if split not in self._rows:
             source = getattr(self.hparams, split)
             if source is None:
                 raise ValueError(f'VideoDataModule: no {split} split configured')
-            self._rows[split] = read_split(source, self.hparams.root, None, self.hparams.skip_unlabelled)
+            root = resolve_path(self.hparams.root) if self.hparams.root else None
+            self._rows[split] = read_split(resolve_path(source), root, None, self.hparams.skip_unlabelled)
         return self._rows[split]
 
     @property
@@ -407,10 +412,20 @@ class VideoDataModule(L.LightningDataModule):
         return VideoClipDataset(self.samples(split), hp.num_segments, False, eval_views=views, num_clips=clips,
                                 on_decode_error=hp.on_decode_error)
 
+    def setup(self, stage: str) -> None:
+        """Build the datasets a stage needs once (``train_set``, ``val_set``, ``test_set``)."""
+        splits = {'fit': ('train', 'val'), 'validate': ('val',), 'test': ('test',)}.get(stage, ())
+        for split in splits:
+            if getattr(self.hparams, split) is not None and getattr(self, f'{split}_set', None) is None:
+                setattr(self, f'{split}_set', self.dataset(split))
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
+        dataset = getattr(self, f'{split}_set', None)
+        if dataset is None:
+            dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split), batch_size=hp.batch_size if split == 'train' else hp.eval_batch_size,
+            dataset, batch_size=hp.batch_size if split == 'train' else hp.eval_batch_size,
             shuffle=shuffle, num_workers=hp.num_workers, collate_fn=collate_videos,
             persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
 

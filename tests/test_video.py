@@ -137,5 +137,6 @@ def test_smoke_config_runs_through_zoo_train(tmp_path):
     from lightning_modules.cli import main
     cli = main(['fit', '-c', str(REPO / 'configs' / 'video' / 'smoke_shared_clips.yaml'),
                 '--trainer.max_epochs=1', f'--trainer.default_root_dir={tmp_path}', '--trainer.logger=false',
-                '--trainer.callbacks=[]', '--trainer.enable_checkpointing=false', '--test_after_fit=false'])
+                '--trainer.callbacks=[]', '--trainer.enable_checkpointing=false', '--test_after_fit=false',
+                '--trainer.limit_train_batches=2', '--trainer.limit_val_batches=1'])
     assert cli.trainer.global_step > 0 and 'val/top1' in cli.trainer.callback_metrics
