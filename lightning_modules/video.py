@@ -74,9 +74,6 @@ class VideoClassifier(ImageClassifier):
         self.val_clip_metrics = accuracy_metrics(num_classes, 'val/clip_')
         self.test_clip_metrics = accuracy_metrics(num_classes, 'test/clip_')
 
-    def setup(self, stage: str) -> None:
-        pass  # no virtual devices for video: a clip batch is already B * T frames
-
     def _log_skipped(self, batch: Dict[str, torch.Tensor], prefix: str) -> None:
         self.log(f'{prefix}skipped_videos', batch['skipped'].sum().float(), reduce_fx='sum', on_step=False,
                  on_epoch=True, sync_dist=True, batch_size=1)
