@@ -11,12 +11,21 @@
 Both modes have the same state-dict keys (``bn.weight``, ``bn.bias``, ``bn.running_mean``,
 ``bn.running_var``, ``bn.num_batches_tracked``, ``weight``, ``bias``), so a checkpoint trained in
 one mode loads into the other; :func:`set_bcn_batch_stage` switches a built model.
+
+Fast path: whenever the batch stage normalizes with fixed statistics (the estimated stage, in
+training and eval, or a ``'batch'`` stage in eval), it is a per-channel affine ``a * x + b``, so the
+whole layer is one affine per (sample, channel), ``y = A * x + B``, whose coefficients come from
+the per-(sample, channel) mean and variance of ``x`` (law of total variance for the groups). One
+read of ``x`` gives those moments (and the estimates' update), one pass writes ``y``; backward
+(:class:`_FusedBCN`) needs two reductions and one pass, and saves only ``x``. The plain two-stage
+path is kept for a ``'batch'`` stage in training and when the batch stage has hooks.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .estimated_batch_norm import EstimatedBatchNorm2d
+from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
 
 __all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'set_bcn_batch_stage']
 
@@ -68,13 +77,126 @@ class BatchChannelNorm2d(nn.Module):
     def extra_repr(self) -> str:
         return f'{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, batch_stage={self.batch_stage!r}'
 
+    def _fixed_stage(self) -> bool:
+        """Whether the batch stage is a fixed per-channel affine now (estimates, or running stats in eval)."""
+        bn = self.bn
+        if bn._forward_hooks or bn._forward_pre_hooks:
+            return False  # the user observes the batch stage: run it as a module
+        if isinstance(bn, EstimatedBatchNorm2d):
+            return True
+        return isinstance(bn, _BatchNorm) and not bn.training and bn.running_mean is not None
+
+    def _batch_stage_affine(self):
+        bn = self.bn
+        if isinstance(bn, EstimatedBatchNorm2d):
+            return bn.affine_coefficients()
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        return scale, (shift + bn.bias if bn.bias is not None else shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or not self._fixed_stage():
+            return self._two_stage_forward(x)
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        mean, var = sample_channel_moments(x)
+        if self.bn.training:  # estimated stage: the same moments update the estimates (no second pass)
+            self.bn.update_from_moments(mean, var, x.shape[2] * x.shape[3])
+        a, b = self._batch_stage_affine()
+        # Output dtype as the two-stage path gives it: CUDA autocast runs group_norm in float32.
+        out_dtype = torch.float32 if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda') else x.dtype
+        return _FusedBCN.apply(
+            x, mean, var, a.to(stat_dtype), b.to(stat_dtype), self.weight.to(stat_dtype), self.bias.to(stat_dtype),
+            self.num_groups, self.eps, out_dtype)
+
+    def _two_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(x)
         # The group-wise affine, spread to channels, lets one fused group_norm do the channel stage.
         per_group = self.num_channels // self.num_groups
         weight = self.weight.repeat_interleave(per_group)
         bias = self.bias.repeat_interleave(per_group)
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps):
+    """Per-(sample, channel) ``A, B`` of ``GN(a * x + b)`` with group-wise affine ``gw, gb``.
+
+    ``mean, var``: (N, C) moments of ``x`` over (H, W); ``a, b``: (C,) batch-stage affine.
+    Also returns the group mean ``mu`` and inverse std ``rstd`` of ``a * x + b``, (N, G, 1).
+    """
+    n, c = mean.shape
+    z_mean = (mean * a + b).view(n, num_groups, -1)        # channel means of z = a * x + b
+    mu = z_mean.mean(2, keepdim=True)
+    # Group variance = mean within-channel variance + variance of the channel means (no cancellation).
+    z_var = (var * a.square()).view(n, num_groups, -1).mean(2, keepdim=True) + (z_mean - mu).square().mean(2, keepdim=True)
+    rstd = torch.rsqrt(z_var + eps)
+    scale = rstd * gw.view(1, -1, 1)
+    big_a = (a.view(1, num_groups, -1) * scale).view(n, c)
+    big_b = ((b.view(1, num_groups, -1) - mu) * scale + gb.view(1, -1, 1)).view(n, c)
+    return big_a, big_b, mu, rstd
+
+
+def _per_sample_channel_sums(t: torch.Tensor, x: torch.Tensor):
+    """``sum(t)`` and ``sum(t * x)`` over (H, W) for each (sample, channel), as (N, C) tensors."""
+    n, c = t.shape[:2]
+    if t.is_contiguous() and x.is_contiguous():
+        # (1, N*C, H*W) views make these the bias and weight gradients of an identity batch norm:
+        # one fused native pass, no product tensor.
+        t1, x1 = t.view(1, n * c, -1), x.view(1, n * c, -1)
+        ones, zeros = x1.new_ones(n * c), x1.new_zeros(n * c)
+        _, s_tx, s_t = torch.ops.aten.native_batch_norm_backward(
+            t1, x1, ones, zeros, ones, None, None, False, 0., [False, True, True])
+        return s_t.view(n, c), s_tx.view(n, c)
+    return t.sum((2, 3)), (t * x).sum((2, 3))
+
+
+class _FusedBCN(torch.autograd.Function):
+    """``GN(a * x + b)`` with group-wise affine as one per-(sample, channel) affine of ``x``.
+
+    ``a, b`` (the fixed-statistics batch stage) carry the gradients of its weight and bias. The
+    backward is GN's, chained through ``a * x + b``, from the sums of ``dy`` and ``dy * x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean, var, a, b, gw, gb, num_groups: int, eps: float, out_dtype: torch.dtype):
+        big_a, big_b, mu, rstd = _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps)
+        ctx.save_for_backward(x, mean, var, a, b, gw, mu, rstd)
+        ctx.num_groups = num_groups
+        return torch.addcmul(big_b[:, :, None, None].to(out_dtype), x, big_a[:, :, None, None].to(out_dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, var, a, b, gw, mu, rstd = ctx.saved_tensors
+        g = ctx.num_groups
+        n, c = mean.shape
+        hw = x.shape[2] * x.shape[3]
+        s_dy, s_dyx = _per_sample_channel_sums(dy.to(mean.dtype), x.to(mean.dtype))   # (N, C)
+        a_g, b_g = a.view(1, g, -1), b.view(1, g, -1)
+        s_dy_g, s_dyx_g = s_dy.view(n, g, -1), s_dyx.view(n, g, -1)
+        # sum(dy * zhat) per (n, c), zhat = (a * x + b - mu) * rstd
+        s_dyz = rstd * (a_g * s_dyx_g + (b_g - mu) * s_dy_g)
+        grad_gb = s_dy_g.sum((0, 2))
+        grad_gw = s_dyz.sum((0, 2))
+        m = hw * s_dy_g.shape[2]                               # elements per (sample, group)
+        k1 = gw.view(1, -1, 1) * s_dy_g.sum(2, keepdim=True) / m      # mean of dzhat over the group
+        k2 = gw.view(1, -1, 1) * s_dyz.sum(2, keepdim=True) / m       # mean of dzhat * zhat
+        # dz = rstd * (gw * dy - k1 - zhat * k2) = c_dy * dy + c_x * x + c_0, per (n, c)
+        c_dy = rstd * gw.view(1, -1, 1)
+        c_x = -rstd.square() * k2 * a_g
+        c_0 = -rstd * k1 - rstd.square() * k2 * (b_g - mu)
+        # Parameter gradients of the batch stage: sums over (N, H, W) of dz and dz * x.
+        mean_g, var_g = mean.view(n, g, -1), var.view(n, g, -1)
+        s_dz = c_dy * s_dy_g + hw * (c_x * mean_g + c_0)
+        # sum(dz * (x - mean)) uses the centred second moment: stable for large channel means.
+        s_dz_xc = c_dy * (s_dyx_g - mean_g * s_dy_g) + c_x * hw * var_g
+        grad_b = s_dz.sum(0).view(c)
+        grad_a = (s_dz_xc + mean_g * s_dz).sum(0).view(c)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # dx = a * dz
+            coef_dy, coef_x, coef_0 = ((t * a_g).reshape(n, c, 1, 1).to(dy.dtype) for t in (c_dy, c_x, c_0))
+            grad_x = torch.addcmul(coef_0, x, coef_x).addcmul_(dy, coef_dy)
+        return grad_x, None, None, grad_a, grad_b, grad_gw, grad_gb, None, None, None
 
 
 def set_bcn_batch_stage(model: nn.Module, batch_stage: str, momentum=None) -> nn.Module:

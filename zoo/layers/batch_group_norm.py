@@ -57,13 +57,25 @@ class BatchGroupNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f'BatchGroupNorm2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
-        use_batch_stats = self.training or not self.track_running_stats
+        weight, bias = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
+        if not self.training and self.track_running_stats:
+            # Inference: running statistics make the layer one per-channel affine (a single pass).
+            scale, shift = self.affine_coefficients()
+            return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
         grouped = x.reshape(x.shape[0], self.num_groups, -1)
         y = F.batch_norm(
             grouped, self.running_mean, self.running_var, None, None,
-            training=use_batch_stats, momentum=self.momentum, eps=self.eps)
-        y = y.view_as(x)
-        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+            training=True, momentum=self.momentum, eps=self.eps)
+        return torch.addcmul(bias, y.view_as(x), weight)  # the affine in one pass
+
+    def affine_coefficients(self):
+        """``(scale, shift)`` per channel: the eval-mode layer is ``x * scale + shift``."""
+        if self.running_var is None:
+            raise RuntimeError('BatchGroupNorm2d without running statistics is no fixed affine in eval')
+        per_group = self.num_channels // self.num_groups
+        rstd = torch.rsqrt(self.running_var + self.eps).repeat_interleave(per_group)
+        scale = self.weight * rstd
+        return scale, self.bias - self.running_mean.repeat_interleave(per_group) * scale

@@ -56,28 +56,51 @@ def resolve_ws_formula(formula: Union[str, WSFormula]) -> WSFormula:
     return WS_FORMULAS[formula]
 
 
+def _per_output_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as (out, fan_in) rows, a view (no copy) for contiguous and channels_last weights."""
+    if weight.ndim == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.permute(0, 2, 3, 1).flatten(1)  # (O, kH, kW, I) is the memory order
+    return weight.flatten(1)
+
+
+def _as_weight(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`_per_output_rows`, keeping ``weight``'s memory format."""
+    if weight.ndim == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        o, i, kh, kw = weight.shape
+        return rows.view(o, kh, kw, i).permute(0, 3, 1, 2)
+    return rows.view_as(weight)
+
+
 def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> torch.Tensor:
     """Standardize a conv weight per output channel (dim 0) with the given formula."""
     f = resolve_ws_formula(formula)
-    flat = weight.flatten(1)
+    flat = _per_output_rows(weight)
     if f.eps_in_sqrt and not f.unbiased:
         # One fused kernel; identical to the explicit formula below.
-        return F.batch_norm(
-            flat.unsqueeze(0), None, None, training=True, momentum=0., eps=f.eps).view_as(weight)
+        return _as_weight(F.batch_norm(flat.unsqueeze(0), None, None, training=True, momentum=0., eps=f.eps)[0], weight)
     var, mean = torch.var_mean(flat, dim=1, correction=int(f.unbiased), keepdim=True)
     scale = (var + f.eps).sqrt() if f.eps_in_sqrt else var.sqrt() + f.eps
-    return ((flat - mean) / scale).view_as(weight)
+    return _as_weight((flat - mean) / scale, weight)
 
 
 class WSConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose weight is standardized per output channel in ``forward``.
 
     Same constructor, parameters, keys and init as ``nn.Conv2d``, plus ``ws_formula``.
+
+    Inference fast path: when no gradient can reach the weight (eval mode, and autograd off or
+    the weight frozen), the standardized weight is computed once and reused. It is recomputed
+    when the weight changes (in-place updates bump ``weight._version``; ``.to()``, ``load_state_dict``
+    and optimizers are all seen), on ``train()`` / ``eval()``, and never used in training, under
+    ``torch.compile`` or for non-``Parameter`` weights (``torch.func``). Only in-place writes through
+    ``weight.data`` bypass the version counter: call ``eval()`` again after those. The cache is a
+    plain attribute, so state dicts are unchanged; it costs one extra copy of the conv weights.
     """
 
     def __init__(self, *args, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA, **kwargs):
         super().__init__(*args, **kwargs)
         self.ws_formula = resolve_ws_formula(ws_formula)
+        self._ws_cache = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> 'WSConv2d':
@@ -94,8 +117,34 @@ class WSConv2d(nn.Conv2d):
         f = self.ws_formula
         return super().extra_repr() + f', ws_eps={f.eps}, ws_unbiased={f.unbiased}, ws_eps_in_sqrt={f.eps_in_sqrt}'
 
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight the conv applies: standardized now, or reused from the inference cache."""
+        w = self.weight
+        if (torch.compiler.is_compiling() or self.training or type(w) is not nn.Parameter
+                or (w.requires_grad and torch.is_grad_enabled())):
+            return standardize_weight(w, self.ws_formula)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape, w.stride(), self.ws_formula,
+               torch.is_inference_mode_enabled())
+        cache = getattr(self, '_ws_cache', None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, standardize_weight(w, self.ws_formula))
+            self._ws_cache = cache
+        return cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, standardize_weight(self.weight, self.ws_formula), self.bias)
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+    def train(self, mode: bool = True) -> 'WSConv2d':
+        self._ws_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ws_cache = None  # .to() / .half() / .cuda(): recompute in the new dtype or device
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        return {**self.__dict__, '_ws_cache': None}  # pickling or deepcopy never carries the cache
 
 
 def convert_to_ws(module: nn.Module, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> nn.Module:
