@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
 
-__all__ = ['ZooCLI', 'main']
+__all__ = ['ZooCLI', 'build_cli', 'main']
 
 
 class ZooCLI(LightningCLI):
@@ -41,10 +41,15 @@ class ZooCLI(LightningCLI):
                   + (f'\nCheckpoint: {where}' if where else ''), flush=True)
 
 
-def main(args: Optional[Sequence[str]] = None) -> ZooCLI:
+def build_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ZooCLI:
     return ZooCLI(
         pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={'overwrite': True}, args=args)
+        save_config_kwargs={'overwrite': True}, args=args, run=run)
+
+
+def main(args: Optional[Sequence[str]] = None) -> None:
+    """Console entry point (returns None: a console script exits with main()'s return value)."""
+    build_cli(args)
 
 
 if __name__ == '__main__':
