@@ -163,7 +163,8 @@ class _FusedBCN(torch.autograd.Function):
         big_a, big_b, mu, rstd = _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps)
         ctx.save_for_backward(x, mean, var, a, b, gw, mu, rstd)
         ctx.num_groups = num_groups
-        return torch.addcmul(big_b[:, :, None, None].to(out_dtype), x, big_a[:, :, None, None].to(out_dtype))
+        # mul + in-place add: faster on CPU than an out-of-place addcmul with (N, C, 1, 1) operands.
+        return torch.mul(x, big_a[:, :, None, None].to(out_dtype)).add_(big_b[:, :, None, None].to(out_dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -195,7 +196,7 @@ class _FusedBCN(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:  # dx = a * dz
             coef_dy, coef_x, coef_0 = ((t * a_g).reshape(n, c, 1, 1).to(dy.dtype) for t in (c_dy, c_x, c_0))
-            grad_x = torch.addcmul(coef_0, x, coef_x).addcmul_(dy, coef_dy)
+            grad_x = torch.mul(x, coef_x).add_(coef_0).addcmul_(dy, coef_dy)
         return grad_x, None, None, grad_a, grad_b, grad_gw, grad_gb, None, None, None
 
 

@@ -77,7 +77,8 @@ def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DE
     flat = _per_output_rows(weight)
     if f.eps_in_sqrt and not f.unbiased:
         # One fused kernel; identical to the explicit formula below.
-        return _as_weight(F.batch_norm(flat.unsqueeze(0), None, None, training=True, momentum=0., eps=f.eps)[0], weight)
+        rows = F.batch_norm(flat.unsqueeze(0), None, None, training=True, momentum=0., eps=f.eps)
+        return _as_weight(rows.squeeze(0), weight)
     var, mean = torch.var_mean(flat, dim=1, correction=int(f.unbiased), keepdim=True)
     scale = (var + f.eps).sqrt() if f.eps_in_sqrt else var.sqrt() + f.eps
     return _as_weight((flat - mean) / scale, weight)
@@ -91,9 +92,9 @@ class WSConv2d(nn.Conv2d):
     Inference fast path: when no gradient can reach the weight (eval mode, and autograd off or
     the weight frozen), the standardized weight is computed once and reused. It is recomputed
     when the weight changes (in-place updates bump ``weight._version``; ``.to()``, ``load_state_dict``
-    and optimizers are all seen), on ``train()`` / ``eval()``, and never used in training, under
+    and optimizers are all seen), dropped by ``train()``, and never used in training, under
     ``torch.compile`` or for non-``Parameter`` weights (``torch.func``). Only in-place writes through
-    ``weight.data`` bypass the version counter: call ``eval()`` again after those. The cache is a
+    ``weight.data`` bypass the version counter: call ``train()`` then ``eval()`` after those. The cache is a
     plain attribute, so state dicts are unchanged; it costs one extra copy of the conv weights.
     """
 
@@ -136,7 +137,8 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
     def train(self, mode: bool = True) -> 'WSConv2d':
-        self._ws_cache = None
+        if mode:
+            self._ws_cache = None  # training standardizes every step: free the copy
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):

@@ -1,0 +1,297 @@
+"""What WS, BCN and BGN cost against BatchNorm: training-step and inference throughput, peak memory.
+
+One run measures every model at the same batch size, resolution and precision and reports each
+as a ratio against timm's ``resnet50`` (BN); timm's GN+WS ``resnetv2_50x1_bit`` is the other
+reference. Prints a markdown table and writes JSON (and the table) to ``benchmarks/results/``.
+
+Timing: the models are interleaved (round-robin repetitions), each repetition times a few training
+steps (forward, backward, SGD step) and inference batches (eval, ``torch.inference_mode``) per
+model and keeps the median; the table shows the median over repetitions and, for ratios, the range
+of the per-repetition ratios, so a machine that is busy now and then slows every model alike and
+the spread says how noisy the run was. The first call after a train/eval switch is not timed.
+
+Peak memory: live tensor bytes at the peak of one training step (parameters, gradients, SGD
+momentum, activations, temporaries), each model in a fresh process. CUDA:
+``torch.cuda.max_memory_allocated``. CPU: every allocation and free that PyTorch's allocator
+reports to ``torch.profiler`` (``profile_memory=True``) during the step, added to the tensors alive
+when it starts. The process's peak RSS above its RSS before the model was built goes to the JSON
+as a cross-check (it also counts allocator caching and library workspaces).
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_norms.py                        # CPU defaults, a few minutes on 2 cores
+    python benchmarks/bench_norms.py --device cuda          # GPU defaults: batch 64, 224 px, bf16 autocast
+    python benchmarks/bench_norms.py --channels-last --compile
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import timm  # noqa: E402
+import zoo  # noqa: E402,F401  (registers the zoo models in timm)
+
+BASELINE = 'resnet50'
+DEFAULT_MODELS = (BASELINE, 'resnet50_wsbcn', 'resnet50_wsgn', 'resnet50_bgn', 'resnetv2_50x1_bit')
+# (batch size, image size, repetitions, train steps and inference batches per repetition, autocast dtype)
+DEVICE_DEFAULTS = {
+    'cpu': dict(batch_size=8, img_size=128, reps=5, train_iters=2, infer_iters=3, amp='none'),
+    'cuda': dict(batch_size=64, img_size=224, reps=10, train_iters=10, infer_iters=20, amp='bf16'),
+}
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), help=f'first one is the baseline ({BASELINE})')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--batch-size', type=int)
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--reps', type=int, help='round-robin repetitions')
+    p.add_argument('--train-iters', type=int, help='timed training steps per model and repetition')
+    p.add_argument('--infer-iters', type=int, help='timed inference batches per model and repetition')
+    p.add_argument('--amp', choices=sorted(AMP_DTYPES), help='autocast dtype (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile every model (default inductor backend)')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
+    p.add_argument('--out', type=Path, help='JSON path (default benchmarks/results/bench_norms_<device>.json)')
+    p.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: measure one model's memory
+    args = p.parse_args(argv)
+    for k, v in DEVICE_DEFAULTS['cuda' if args.device.startswith('cuda') else 'cpu'].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.models[0] != BASELINE:
+        args.models.insert(0, BASELINE)
+    return args
+
+
+class Bench:
+    """One model, its optimizer and a fixed batch; timed training steps and inference calls."""
+
+    def __init__(self, name, args):
+        self.name, self.device = name, torch.device(args.device)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = timm.create_model(name).to(self.device, memory_format=fmt)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=self.device)
+        self.x = self.x.contiguous(memory_format=fmt)
+        self.y = torch.randint(0, 1000, (args.batch_size,), device=self.device)
+        amp = AMP_DTYPES[args.amp]
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else nullcontext
+        self.forward = torch.compile(self.model) if args.compile else self.model
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self):
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.forward(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+
+    @torch.inference_mode()
+    def infer(self):
+        with self.autocast():
+            return self.forward(self.x)
+
+    def timed(self, fn, iters):
+        """Median seconds per call over ``iters`` calls, after one untimed call."""
+        fn()
+        times = []
+        for _ in range(iters):
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def time_train(self, iters):
+        self.model.train()
+        return self.timed(self.train_step, iters)
+
+    def time_infer(self, iters):
+        self.model.eval()
+        return self.timed(self.infer, iters)
+
+
+def live_tensor_bytes(bench):
+    """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state and the batch."""
+    tensors = [*bench.model.parameters(), *bench.model.buffers(), bench.x, bench.y]
+    tensors += [p.grad for p in bench.model.parameters() if p.grad is not None]
+    tensors += [v for s in bench.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def profiled_peak_bytes(prof):
+    """Peak of the running sum of the allocator's allocation (+) and free (-) events in ``prof``."""
+    from torch._C._profiler import _EventType
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    current = peak = 0
+    for _, size in sorted(events):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def max_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def measure_memory(name, args):
+    """Peak training-step memory of one model (run in a fresh process): a dict of byte counts."""
+    rss_before = current_rss_bytes() if args.device == 'cpu' else None
+    bench = Bench(name, args)
+    bench.model.train()
+    for _ in range(2):  # warm-up: optimizer state exists, lazy init done
+        bench.train_step()
+    bench.opt.zero_grad(set_to_none=True)
+    bench.sync()
+    out = {}
+    if bench.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(bench.device)
+        bench.train_step()
+        bench.sync()
+        out['peak_bytes'] = torch.cuda.max_memory_allocated(bench.device)
+    else:
+        from torch.profiler import ProfilerActivity, profile
+        live = live_tensor_bytes(bench)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            bench.train_step()
+        out['peak_bytes'] = live + profiled_peak_bytes(prof)
+        out['live_at_step_start_bytes'] = live
+        out['rss_peak_delta_bytes'] = max_rss_bytes() - rss_before
+    return out
+
+
+def run_memory_workers(args):
+    """Each model's memory in its own process, so no allocator state carries over between models."""
+    results = {}
+    flags = ['--device', args.device, '--batch-size', str(args.batch_size), '--img-size', str(args.img_size),
+             '--amp', args.amp] + (['--channels-last'] if args.channels_last else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed tensors leave RSS at once
+    for name in args.models:
+        cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-worker', name, *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f'memory worker for {name} failed:\n{proc.stderr[-3000:]}')
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f'  peak memory {name}: {results[name]["peak_bytes"] / 2 ** 20:.0f} MiB', flush=True)
+    return results
+
+
+def run_timing(args):
+    from tqdm import tqdm
+    benches = [Bench(name, args) for name in args.models]
+    for b in benches:  # warm-up (and compilation)
+        b.time_train(1)
+        b.time_infer(1)
+    times = {b.name: {'train': [], 'infer': []} for b in benches}
+    for _ in tqdm(range(args.reps), desc='round-robin repetitions'):
+        for b in benches:
+            times[b.name]['train'].append(b.time_train(args.train_iters))
+            times[b.name]['infer'].append(b.time_infer(args.infer_iters))
+    return times
+
+
+def summarize(args, times, memory):
+    rows = {}
+    base = times[BASELINE]
+    for name, t in times.items():
+        row = {}
+        for kind in ('train', 'infer'):
+            per_rep_ratio = [b / m for m, b in zip(t[kind], base[kind])]  # throughput ratio
+            med = statistics.median(t[kind])
+            row[kind] = {
+                'img_per_s': args.batch_size / med,
+                'seconds_per_batch_reps': t[kind],
+                'ratio_vs_bn': statistics.median(base[kind]) / med,
+                'ratio_range': [min(per_rep_ratio), max(per_rep_ratio)],
+                'rep_spread': (max(t[kind]) - min(t[kind])) / med,
+            }
+        if memory:
+            row['memory'] = dict(memory[name], ratio_vs_bn=memory[name]['peak_bytes'] / memory[BASELINE]['peak_bytes'])
+        rows[name] = row
+    return rows
+
+
+def markdown_table(args, rows):
+    head = (f'{args.device}, batch {args.batch_size}, {args.img_size} px, amp {args.amp}'
+            f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""}; '
+            f'ratios vs timm {BASELINE} (BN), median of {args.reps} interleaved repetitions [min-max]')
+    lines = [head, '',
+             '| model | train img/s | train ratio | infer img/s | infer ratio | peak train MiB | memory ratio |',
+             '|---|---|---|---|---|---|---|']
+    for name, r in rows.items():
+        cells = [name]
+        for kind in ('train', 'infer'):
+            k = r[kind]
+            cells += [f'{k["img_per_s"]:.1f}', f'{k["ratio_vs_bn"]:.2f} [{k["ratio_range"][0]:.2f}-{k["ratio_range"][1]:.2f}]']
+        if 'memory' in r:
+            cells += [f'{r["memory"]["peak_bytes"] / 2 ** 20:.0f}', f'{r["memory"]["ratio_vs_bn"]:.2f}']
+        else:
+            cells += ['-', '-']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def environment(args):
+    return {
+        'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
+        'device_name': torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or platform.machine(),
+        'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+        'load_average': os.getloadavg(),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(measure_memory(args.memory_worker, args)))
+        return
+    torch.manual_seed(0)
+    env_before = environment(args)
+    start = time.time()
+    memory = None if args.no_memory else run_memory_workers(args)
+    times = run_timing(args)
+    rows = summarize(args, times, memory)
+    table = markdown_table(args, rows)
+    print('\n' + table)
+    out = args.out or REPO_ROOT / 'benchmarks' / 'results' / f'bench_norms_{args.device.split(":")[0]}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ('out', 'memory_worker')}
+    report = {'settings': settings, 'environment': env_before, 'load_average_after': os.getloadavg(),
+              'wall_seconds': time.time() - start, 'results': rows, 'table': table}
+    out.write_text(json.dumps(report, indent=1, default=str))
+    out.with_suffix('.md').write_text(table + '\n')
+    print(f'\nwrote {out} and {out.with_suffix(".md")} ({time.time() - start:.0f} s)')
+
+
+if __name__ == '__main__':
+    main()
