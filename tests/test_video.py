@@ -134,8 +134,8 @@ def test_video_configs_parse(config, capsys):
 
 @needs_clips
 def test_smoke_config_runs_through_zoo_train(tmp_path):
-    from lightning_modules.cli import main
-    cli = main(['fit', '-c', str(REPO / 'configs' / 'video' / 'smoke_shared_clips.yaml'),
+    from lightning_modules.cli import build_cli
+    cli = build_cli(['fit', '-c', str(REPO / 'configs' / 'video' / 'smoke_shared_clips.yaml'),
                 '--trainer.max_epochs=1', f'--trainer.default_root_dir={tmp_path}', '--trainer.logger=false',
                 '--trainer.callbacks=[]', '--trainer.enable_checkpointing=false', '--test_after_fit=false',
                 '--trainer.limit_train_batches=2', '--trainer.limit_val_batches=1'])
