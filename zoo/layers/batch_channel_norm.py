@@ -106,9 +106,9 @@ class BatchChannelNorm2d(nn.Module):
         a, b = self._batch_stage_affine()
         # Output dtype as the two-stage path gives it: CUDA autocast runs group_norm in float32.
         out_dtype = torch.float32 if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda') else x.dtype
-        return _FusedBCN.apply(
-            x, mean, var, a.to(stat_dtype), b.to(stat_dtype), self.weight.to(stat_dtype), self.bias.to(stat_dtype),
-            self.num_groups, self.eps, out_dtype)
+        args = (x, mean, var, a.to(stat_dtype), b.to(stat_dtype), self.weight.to(stat_dtype), self.bias.to(stat_dtype),
+                self.num_groups, self.eps, out_dtype)
+        return _FusedBCN.apply(*args) if torch.is_grad_enabled() else _FusedBCN.inference(*args)
 
     def _two_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(x)
@@ -124,16 +124,19 @@ def _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps):
 
     ``mean, var``: (N, C) moments of ``x`` over (H, W); ``a, b``: (C,) batch-stage affine.
     Also returns the group mean ``mu`` and inverse std ``rstd`` of ``a * x + b``, (N, G, 1).
+    Few ops on purpose: each costs a kernel launch per layer.
     """
     n, c = mean.shape
-    z_mean = (mean * a + b).view(n, num_groups, -1)        # channel means of z = a * x + b
+    a_g, b_g = a.view(1, num_groups, -1), b.view(1, num_groups, -1)
+    z_mean = torch.addcmul(b_g, mean.view(n, num_groups, -1), a_g)   # channel means of z = a * x + b
     mu = z_mean.mean(2, keepdim=True)
     # Group variance = mean within-channel variance + variance of the channel means (no cancellation).
-    z_var = (var * a.square()).view(n, num_groups, -1).mean(2, keepdim=True) + (z_mean - mu).square().mean(2, keepdim=True)
-    rstd = torch.rsqrt(z_var + eps)
+    dev = z_mean - mu
+    z_var = torch.addcmul(var.view(n, num_groups, -1) * a_g.square(), dev, dev).mean(2, keepdim=True)
+    rstd = z_var.add_(eps).rsqrt_()
     scale = rstd * gw.view(1, -1, 1)
-    big_a = (a.view(1, num_groups, -1) * scale).view(n, c)
-    big_b = ((b.view(1, num_groups, -1) - mu) * scale + gb.view(1, -1, 1)).view(n, c)
+    big_a = (a_g * scale).view(n, c)
+    big_b = torch.addcmul(gb.view(1, -1, 1), b_g - mu, scale).view(n, c)
     return big_a, big_b, mu, rstd
 
 
@@ -151,6 +154,21 @@ def _per_sample_channel_sums(t: torch.Tensor, x: torch.Tensor):
     return t.sum((2, 3)), (t * x).sum((2, 3))
 
 
+def _affine_per_sample_channel(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with (N, C) coefficients, in one pass where possible; a new tensor like ``x``."""
+    n, c = scale.shape
+    if x.is_contiguous() and x.dtype == scale.dtype and not torch.is_autocast_enabled(x.device.type):
+        # On (1, N*C, H*W) views with zero mean, unit variance and eps 0, batch_norm's eval kernel
+        # computes exactly x * scale + shift in one fused pass (faster than broadcasting mul / add).
+        # It writes through a view into ``out``, so the result is no view (in-place ops may follow).
+        out = torch.empty_like(x)
+        torch.ops.aten.native_batch_norm.out(
+            x.view(1, n * c, -1), scale.reshape(-1), shift.reshape(-1), scale.new_zeros(n * c), scale.new_ones(n * c),
+            False, 0., 0., out=out.view(1, n * c, -1), save_mean=scale.new_empty(0), save_invstd=scale.new_empty(0))
+        return out
+    return torch.mul(x, scale[:, :, None, None].to(x.dtype)).add_(shift[:, :, None, None].to(x.dtype))
+
+
 class _FusedBCN(torch.autograd.Function):
     """``GN(a * x + b)`` with group-wise affine as one per-(sample, channel) affine of ``x``.
 
@@ -163,8 +181,13 @@ class _FusedBCN(torch.autograd.Function):
         big_a, big_b, mu, rstd = _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps)
         ctx.save_for_backward(x, mean, var, a, b, gw, mu, rstd)
         ctx.num_groups = num_groups
-        # mul + in-place add: faster on CPU than an out-of-place addcmul with (N, C, 1, 1) operands.
-        return torch.mul(x, big_a[:, :, None, None].to(out_dtype)).add_(big_b[:, :, None, None].to(out_dtype))
+        return _affine_per_sample_channel(x, big_a.to(out_dtype), big_b.to(out_dtype))
+
+    @staticmethod
+    def inference(x, mean, var, a, b, gw, gb, num_groups: int, eps: float, out_dtype: torch.dtype):
+        """The forward without the autograd.Function machinery, for use when autograd is off."""
+        big_a, big_b, _, _ = _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps)
+        return _affine_per_sample_channel(x, big_a.to(out_dtype), big_b.to(out_dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -195,8 +218,8 @@ class _FusedBCN(torch.autograd.Function):
         grad_a = (s_dz_xc + mean_g * s_dz).sum(0).view(c)
         grad_x = None
         if ctx.needs_input_grad[0]:  # dx = a * dz
-            coef_dy, coef_x, coef_0 = ((t * a_g).reshape(n, c, 1, 1).to(dy.dtype) for t in (c_dy, c_x, c_0))
-            grad_x = torch.mul(x, coef_x).add_(coef_0).addcmul_(dy, coef_dy)
+            coef_dy, coef_x, coef_0 = ((t * a_g).reshape(n, c).to(dy.dtype) for t in (c_dy, c_x, c_0))
+            grad_x = _affine_per_sample_channel(x, coef_x, coef_0).addcmul_(dy, coef_dy[:, :, None, None])
         return grad_x, None, None, grad_a, grad_b, grad_gw, grad_gb, None, None, None
 
 
