@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import zoo  # noqa: F401
 from zoo.layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, standardize_weight
+from zoo.layers.estimated_batch_norm import sample_channel_moments
 
 
 def _ws_conv(**kw):
@@ -196,6 +197,18 @@ def test_bcn_batch_stage_hooks_fall_back_to_two_stages():
     fused.bn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     fused(torch.randn(2, 16, 3, 3, dtype=torch.float64))
     assert seen == [(2, 16, 3, 3)]
+
+
+@pytest.mark.parametrize('mean_over_std', [0., 3., 30., 300.])
+def test_sample_channel_moments_float32_precision(mean_over_std):
+    """The fast CPU moments stay float32-accurate, also where E[x^2] - mean^2 would cancel."""
+    x = torch.randn(4, 16, 9, 9) + mean_over_std * torch.randn(1, 16, 1, 1)
+    x[:, 0] = 3.0  # a constant channel: variance exactly 0
+    mean, var = sample_channel_moments(x)
+    var64, mean64 = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=2e-5, atol=1e-6 * var64.max().item())
+    assert (var[:, 0] == 0).all()
 
 
 def test_estimates_from_per_sample_moments_equal_batch_update():
