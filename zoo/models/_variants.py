@@ -9,10 +9,11 @@ from typing import Any, Callable, Dict, Optional
 
 import torch.nn as nn
 from timm.layers import GroupNorm
+from timm.models import register_model
 
 from zoo.layers import BatchChannelNorm2d, BatchGroupNorm2d
 
-__all__ = ['NormVariant', 'NORM_VARIANTS', 'make_norm_layer']
+__all__ = ['NormVariant', 'NORM_VARIANTS', 'make_norm_layer', 'register_zoo_entrypoint']
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,18 @@ def make_norm_layer(norm: str, num_groups: int, norm_kwargs: Optional[Dict[str, 
     if norm == 'bgn':
         return partial(BatchGroupNorm2d, num_groups=num_groups, **kw)
     raise ValueError(f'Unknown norm {norm!r}')
+
+
+def register_zoo_entrypoint(name: str, module: str, doc: str, create: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``create(pretrained, **kwargs)`` in timm as the entrypoint ``name``.
+
+    timm registers an entrypoint under its ``__name__`` and looks up its pretrained cfgs in
+    ``default_cfgs`` of its ``__module__``, so both are set to what a hand-written ``def`` would have.
+    """
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return create(pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = module
+    entrypoint.__doc__ = doc
+    return register_model(entrypoint)

@@ -8,18 +8,19 @@ The plain names (``resnet20``) are the BN baselines. GN, BCN and BGN use ``norm_
 by default here (2/4/8 channels per group in the three stages), since 32 groups cannot split
 16 channels.
 """
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import create_classifier
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
 
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
-from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer
+from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from .resnet import check_image_batch
 from ._weights import build_zoo_model
 
@@ -177,21 +178,15 @@ def _variant_of(suffix: str) -> NormVariant:
     return NORM_VARIANTS[suffix.lstrip('_')] if suffix else BN_VARIANT
 
 
-def _make_entrypoint(depth: int, suffix: str):
-    name = f'resnet{depth}{suffix}'
+def _create_cifar_resnet(name: str, depth: int, suffix: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     n = (depth - 2) // 6
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> CifarResNet:
-        model_args = dict(layers=(n, n, n), norm_variant=_variant_of(suffix))
-        kwargs.setdefault('feature_cfg', dict(out_indices=(0, 1, 2, 3)))
-        return build_zoo_model(CifarResNet, name, pretrained, **dict(model_args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f'CIFAR ResNet-{depth} with {_variant_of(suffix).description}.'
-    return entrypoint
+    model_args = dict(layers=(n, n, n), norm_variant=_variant_of(suffix))
+    kwargs.setdefault('feature_cfg', dict(out_indices=(0, 1, 2, 3)))
+    return build_zoo_model(CifarResNet, name, pretrained, **dict(model_args, **kwargs))
 
 
 for _d in CIFAR_DEPTHS:
     for _s in _SUFFIXES:
-        register_model(_make_entrypoint(_d, _s))
+        register_zoo_entrypoint(
+            f'resnet{_d}{_s}', __name__, f'CIFAR ResNet-{_d} with {_variant_of(_s).description}.',
+            partial(_create_cifar_resnet, f'resnet{_d}{_s}', _d, _s))

@@ -19,17 +19,18 @@ name with ``pretrained=False`` builds the zoo defaults (see :mod:`zoo.models._we
 
 ``resnet50_gn`` is timm's own registration (same architecture), which the zoo does not shadow.
 """
+from functools import partial
 from typing import Any, Dict, Optional
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models._registry import is_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
 from zoo.converters import convert_bcn_ws, convert_gn_ws
-from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer
+from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from ._weights import WeightSpec, build_zoo_model, register_weight_spec
 
 __all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch']
@@ -159,20 +160,10 @@ def _create_zoo_resnet(variant_name: str, arch: str, norm_variant: str, pretrain
     return build_zoo_model(ZooResNet, variant_name, pretrained, **dict(model_args, **kwargs))
 
 
-def _make_entrypoint(arch: str, norm_variant: str):
-    name = f'{arch}_{norm_variant}'
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> ZooResNet:
-        return _create_zoo_resnet(name, arch, norm_variant, pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f'{arch} with {NORM_VARIANTS[norm_variant].description}.'
-    return entrypoint
-
-
 ZOO_IMAGENET_MODELS = tuple(f'{a}_{v}' for a in IMAGENET_ARCHS for v in NORM_VARIANTS)
 for _arch in IMAGENET_ARCHS:
     for _v in NORM_VARIANTS:
         if f'{_arch}_{_v}' not in _TIMM_OWNED:
-            register_model(_make_entrypoint(_arch, _v))
+            register_zoo_entrypoint(
+                f'{_arch}_{_v}', __name__, f'{_arch} with {NORM_VARIANTS[_v].description}.',
+                partial(_create_zoo_resnet, f'{_arch}_{_v}', _arch, _v))

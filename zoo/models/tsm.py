@@ -21,16 +21,17 @@ Extra kwargs: ``num_segments``, ``shift_div`` (1/shift_div of the channels shift
 default 8) and every :class:`~zoo.models.ZooResNet` kwarg (``ws_formula``, ``norm_groups``,
 ``norm_kwargs``, ...).
 """
+from functools import partial
 from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import ResNet
 
 from zoo.layers.temporal_shift import add_temporal_shift
-from ._variants import BN_VARIANT, NORM_VARIANTS
+from ._variants import BN_VARIANT, NORM_VARIANTS, register_zoo_entrypoint
 from .resnet import IMAGENET_ARCHS, ZooResNet
 
 __all__ = ['TSMResNet', 'TSM_ARCHS', 'TSM_VARIANTS', 'ZOO_TSM_MODELS', 'check_video_batch']
@@ -115,20 +116,15 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _make_entrypoint(arch: str, variant: str):
-    name = f'tsm_{arch}_{variant}'
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> TSMResNet:
-        model_args = dict(IMAGENET_ARCHS[arch], norm_variant=TSM_VARIANTS[variant])
-        return build_model_with_cfg(TSMResNet, name, pretrained, **dict(model_args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f'TSM {arch} with {TSM_VARIANTS[variant].description}; input (B, C, T, H, W).'
-    return entrypoint
+def _create_tsm_resnet(name: str, arch: str, variant: str, pretrained: bool = False, **kwargs) -> TSMResNet:
+    model_args = dict(IMAGENET_ARCHS[arch], norm_variant=TSM_VARIANTS[variant])
+    return build_model_with_cfg(TSMResNet, name, pretrained, **dict(model_args, **kwargs))
 
 
 ZOO_TSM_MODELS = tuple(f'tsm_{a}_{v}' for a in TSM_ARCHS for v in TSM_VARIANTS)
 for _arch in TSM_ARCHS:
     for _v in TSM_VARIANTS:
-        register_model(_make_entrypoint(_arch, _v))
+        register_zoo_entrypoint(
+            f'tsm_{_arch}_{_v}', __name__,
+            f'TSM {_arch} with {TSM_VARIANTS[_v].description}; input (B, C, T, H, W).',
+            partial(_create_tsm_resnet, f'tsm_{_arch}_{_v}', _arch, _v))
