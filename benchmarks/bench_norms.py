@@ -45,7 +45,9 @@ import timm  # noqa: E402
 import zoo  # noqa: E402,F401  (registers the zoo models in timm)
 
 BASELINE = 'resnet50'
-DEFAULT_MODELS = (BASELINE, 'resnet50_wsbcn', 'resnet50_wsgn', 'resnet50_bgn', 'resnetv2_50x1_bit')
+EXPORT_SUFFIX = ':export'  # inference only: the model after zoo.export_for_inference
+DEFAULT_MODELS = (BASELINE, 'resnet50_wsbcn', 'resnet50_wsgn', 'resnet50_bgn', 'resnetv2_50x1_bit',
+                  'resnet50_wsbcn' + EXPORT_SUFFIX)
 # (batch size, image size, repetitions, train steps and inference batches per repetition, autocast dtype)
 DEVICE_DEFAULTS = {
     'cpu': dict(batch_size=8, img_size=128, reps=5, train_iters=2, infer_iters=3, amp='none'),
@@ -56,7 +58,8 @@ AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), help=f'first one is the baseline ({BASELINE})')
+    p.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS),
+                   help=f'the baseline {BASELINE} is always first; NAME{EXPORT_SUFFIX}: the exported model, inference only')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--batch-size', type=int)
     p.add_argument('--img-size', type=int)
@@ -67,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile every model (default inductor backend)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
+    p.add_argument('--memory-only', action='store_true', help='only the peak-memory processes (no timing)')
+    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch default)')
     p.add_argument('--out', type=Path, help='JSON path (default benchmarks/results/bench_norms_<device>.json)')
     p.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: measure one model's memory
     args = p.parse_args(argv)
@@ -83,9 +88,13 @@ class Bench:
 
     def __init__(self, name, args):
         self.name, self.device = name, torch.device(args.device)
+        self.inference_only = name.endswith(EXPORT_SUFFIX)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.model = timm.create_model(name).to(self.device, memory_format=fmt)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        model = timm.create_model(name[:-len(EXPORT_SUFFIX)] if self.inference_only else name)
+        if self.inference_only:
+            model = zoo.export_for_inference(model)
+        self.model = model.to(self.device, memory_format=fmt)
+        self.opt = None if self.inference_only else torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
         self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=self.device)
         self.x = self.x.contiguous(memory_format=fmt)
         self.y = torch.randint(0, 1000, (args.batch_size,), device=self.device)
@@ -122,6 +131,8 @@ class Bench:
         return statistics.median(times)
 
     def time_train(self, iters):
+        if self.inference_only:
+            return None
         self.model.train()
         return self.timed(self.train_step, iters)
 
@@ -195,8 +206,11 @@ def run_memory_workers(args):
     results = {}
     flags = ['--device', args.device, '--batch-size', str(args.batch_size), '--img-size', str(args.img_size),
              '--amp', args.amp] + (['--channels-last'] if args.channels_last else [])
+    flags += ['--threads', str(args.threads)] if args.threads else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed tensors leave RSS at once
     for name in args.models:
+        if name.endswith(EXPORT_SUFFIX):
+            continue
         cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-worker', name, *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -225,7 +239,9 @@ def summarize(args, times, memory):
     base = times[BASELINE]
     for name, t in times.items():
         row = {}
-        for kind in ('train', 'infer'):
+        for kind in ('train', 'infer') if t else ():
+            if t[kind][0] is None:  # inference-only model
+                continue
             per_rep_ratio = [b / m for m, b in zip(t[kind], base[kind])]  # throughput ratio
             med = statistics.median(t[kind])
             row[kind] = {
@@ -235,7 +251,7 @@ def summarize(args, times, memory):
                 'ratio_range': [min(per_rep_ratio), max(per_rep_ratio)],
                 'rep_spread': (max(t[kind]) - min(t[kind])) / med,
             }
-        if memory:
+        if memory and name in memory:
             row['memory'] = dict(memory[name], ratio_vs_bn=memory[name]['peak_bytes'] / memory[BASELINE]['peak_bytes'])
         rows[name] = row
     return rows
@@ -244,13 +260,17 @@ def summarize(args, times, memory):
 def markdown_table(args, rows):
     head = (f'{args.device}, batch {args.batch_size}, {args.img_size} px, amp {args.amp}'
             f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""}; '
-            f'ratios vs timm {BASELINE} (BN), median of {args.reps} interleaved repetitions [min-max]')
+            f'ratios vs timm {BASELINE} (BN)'
+            + ('' if args.memory_only else f', median of {args.reps} interleaved repetitions [min-max]'))
     lines = [head, '',
              '| model | train img/s | train ratio | infer img/s | infer ratio | peak train MiB | memory ratio |',
              '|---|---|---|---|---|---|---|']
     for name, r in rows.items():
         cells = [name]
         for kind in ('train', 'infer'):
+            if kind not in r:
+                cells += ['-', '-']
+                continue
             k = r[kind]
             cells += [f'{k["img_per_s"]:.1f}', f'{k["ratio_vs_bn"]:.2f} [{k["ratio_range"][0]:.2f}-{k["ratio_range"][1]:.2f}]']
         if 'memory' in r:
@@ -272,6 +292,8 @@ def environment(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(measure_memory(args.memory_worker, args)))
         return
@@ -279,7 +301,7 @@ def main(argv=None):
     env_before = environment(args)
     start = time.time()
     memory = None if args.no_memory else run_memory_workers(args)
-    times = run_timing(args)
+    times = {n: None for n in args.models} if args.memory_only else run_timing(args)
     rows = summarize(args, times, memory)
     table = markdown_table(args, rows)
     print('\n' + table)

@@ -5,7 +5,6 @@ import pickle
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import zoo  # noqa: F401

@@ -57,11 +57,14 @@ class BatchGroupNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f'BatchGroupNorm2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
-        weight, bias = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
         if not self.training and self.track_running_stats:
             # Inference: running statistics make the layer one per-channel affine (a single pass).
+            # batch_norm's eval kernel with zero mean, unit variance and eps 0 is x * scale + shift.
             scale, shift = self.affine_coefficients()
-            return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+            if x.dtype != scale.dtype:  # e.g. bf16 activations, float32 parameters: float32 out, as before
+                return (x * scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+            stats = scale.new_zeros(self.num_channels), scale.new_ones(self.num_channels)
+            return F.batch_norm(x, *stats, scale, shift, False, 0., 0.)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
@@ -69,7 +72,8 @@ class BatchGroupNorm2d(nn.Module):
         y = F.batch_norm(
             grouped, self.running_mean, self.running_var, None, None,
             training=True, momentum=self.momentum, eps=self.eps)
-        return torch.addcmul(bias, y.view_as(x), weight)  # the affine in one pass
+        weight, bias = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
+        return (y.view_as(x) * weight).add_(bias)  # in-place add: one temporary less
 
     def affine_coefficients(self):
         """``(scale, shift)`` per channel: the eval-mode layer is ``x * scale + shift``."""

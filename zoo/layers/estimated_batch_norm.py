@@ -39,24 +39,32 @@ def _distributed_world(process_group) -> bool:
 def sample_channel_moments(x: torch.Tensor):
     """Mean and biased variance of ``x`` over (H, W) for each (sample, channel): two (N, C) tensors.
 
-    Computed without autograd, in float32 at least: on CPU (eager) as two pure reductions, sum
-    and sum of squares, about twice as fast as a kernel that also writes a normalized output;
-    elsewhere (and under ``torch.compile``) by the native group-norm kernel with one channel per
-    group (Welford moments). ``E[x^2] - mean^2`` loses about ``mean^2 / var`` float epsilons, so
-    the CPU path keeps its result only where every channel has ``mean^2 <= 10 var`` (then within
-    ~1e-5 relative, as after WS convs, whose zero-mean weights give near-zero-mean outputs) and
-    otherwise recomputes with the kernel.
+    Computed without autograd, in float32 at least: on CPU as two pure reductions, sum and sum
+    of squares, about twice as fast as a kernel that also writes a normalized output; elsewhere by
+    the native group-norm kernel with one channel per group (Welford moments). ``E[x^2] - mean^2``
+    loses about ``mean^2 / var`` float epsilons, so the CPU path keeps its result only where every
+    channel has ``mean^2 <= 10 var`` (then within ~1e-5 relative, as after WS convs, whose
+    zero-mean weights give near-zero-mean outputs) and otherwise recomputes with the kernel
+    (a compiled graph computes both and selects, so compiled and eager runs agree).
     """
     x = x.detach()
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     n, c, h, w = x.shape
-    if x.device.type == 'cpu' and not torch.compiler.is_compiling():
+    if x.device.type == 'cpu':
         mean = x.sum((2, 3), dtype=stat_dtype).div_(h * w)
         mean_sq = torch.linalg.vector_norm(x, dim=(2, 3), dtype=stat_dtype).square_().div_(h * w)
         var = torch.addcmul(mean_sq, mean, mean, value=-1.)
-        if not bool((mean_sq > 11. * var).any()):  # mean^2 > 10 var, in few ops
+        inexact = (mean_sq > 11. * var).any()  # some channel has mean^2 > 10 var
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph: select instead
+            exact_mean, exact_var = _welford_moments(x.to(stat_dtype))
+            return torch.where(inexact, exact_mean, mean), torch.where(inexact, exact_var, var.clamp_(min=0.))
+        if not bool(inexact):
             return mean, var.clamp_(min=0.)
-    x = x.to(stat_dtype)
+    return _welford_moments(x.to(stat_dtype))
+
+
+def _welford_moments(x: torch.Tensor):
+    n, c, h, w = x.shape
     _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, h * w, c, 0.)
     return mean, rstd.pow(-2)  # eps 0: rstd = var ** -0.5 (inf for a constant channel, giving var 0)
 
