@@ -152,6 +152,17 @@ def test_torch_compile(name, size, backend, tol):
         torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)
 
 
+def test_torch_compile_video_family():
+    """The TSM family (frames folded into the batch, temporal shift) compiles as one graph too."""
+    model = timm.create_model('tsm_resnet18_wsbcn', num_segments=2, num_classes=3)
+    clips = torch.randn(1, 3, 2, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = model(clips)
+    model.load_state_dict(state)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)(clips)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_unknown_model_name_lists_close_matches():
