@@ -1,0 +1,129 @@
+"""The micro-batch reproduction table and plot, read from the runs' own logs.
+
+Each run is a ``zoo-train`` output folder (``runs/cifar10/<name>``) with LightningCLI's
+``logs/version_*/config.yaml`` and the CSVLogger's ``metrics.csv``. From them this script takes
+the model (its normalization), the images per device (``data.init_args.batch_size``), the
+emulated or real device count and the final test top-1 (``test/top1``, logged by
+``--test_after_fit``), and writes a markdown table and a plot of test accuracy against images per
+device, one line per architecture and normalization (like Figure 1 of the BCN paper).
+
+    python benchmarks/cifar_results.py runs/cifar10/* --out benchmarks/results/cifar10_microbatch
+"""
+import argparse
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import yaml
+
+NORM_LABELS = {
+    'wsbcn': 'WS+BCN', 'bcn': 'BCN', 'wsgn': 'WS+GN', 'gn': 'GN', 'bgn': 'BGN', 'wsbgn': 'WS+BGN',
+    'wsbn': 'WS+BN', '': 'BN',
+}
+
+
+@dataclass
+class RunResult:
+    run: str
+    model: str
+    norm: str
+    images_per_device: int
+    devices: int
+    epochs: Optional[int]
+    test_top1: float
+
+
+def norm_of(model_name: str) -> str:
+    """Normalization label from a zoo model name (``resnet20_wsbcn`` -> ``WS+BCN``)."""
+    arch, _, suffix = model_name.partition('_')
+    return NORM_LABELS.get(suffix, suffix.upper())
+
+
+def _versions(run_dir: Path) -> List[Path]:
+    return sorted(run_dir.glob('**/version_*'), key=lambda p: int(p.name.split('_')[-1]))
+
+
+def _last_value(metrics_csv: Path, column: str) -> Optional[float]:
+    value = None
+    with open(metrics_csv, newline='') as f:
+        for row in csv.DictReader(f):
+            if row.get(column):
+                value = float(row[column])
+    return value
+
+
+def read_run(run_dir: Path) -> RunResult:
+    """The final test top-1 of a run (its newest log version that has one) and its settings."""
+    versions = _versions(run_dir)
+    if not versions:
+        raise FileNotFoundError(f'{run_dir}: no logs/version_* folder (is it a zoo-train run folder?)')
+    for version in reversed(versions):
+        metrics, config = version / 'metrics.csv', version / 'config.yaml'
+        if metrics.is_file() and config.is_file():
+            top1 = _last_value(metrics, 'test/top1')
+            if top1 is not None:
+                cfg = yaml.safe_load(config.read_text())
+                model = cfg['model']['init_args']['model_name']
+                data = cfg['data']['init_args']
+                devices = data.get('virtual_devices') or cfg['trainer'].get('devices') or 1
+                return RunResult(
+                    run=run_dir.name, model=model, norm=norm_of(model), images_per_device=int(data['batch_size']),
+                    devices=int(devices) if str(devices).isdigit() else 1,
+                    epochs=cfg['trainer'].get('max_epochs'), test_top1=100 * top1)
+    raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) |',
+             '|---|---|---|---|---|---|---|']
+    for r in sorted(results, key=lambda r: (r.model, -r.images_per_device)):
+        lines.append(f'| {r.run} | {r.model} | {r.norm} | {r.images_per_device} | {r.devices} | {r.epochs} | '
+                     f'{r.test_top1:.2f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(results: Sequence[RunResult], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = sorted({(r.model.partition('_')[0], r.norm) for r in results})
+    for arch, norm in lines:  # one line per architecture and normalization
+        points = sorted((r.images_per_device, r.test_top1) for r in results
+                        if r.norm == norm and r.model.partition('_')[0] == arch)
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker='o', label=f'{arch} {norm}')
+    ax.set_xscale('log', base=2)
+    sizes = sorted({r.images_per_device for r in results})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel('images per device')
+    ax.set_ylabel('CIFAR-10 test top-1 (%)')
+    ax.set_title('Test accuracy vs. images per device')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('runs', nargs='+', type=Path, help='zoo-train run folders')
+    parser.add_argument('--out', type=Path, default=Path('benchmarks/results/cifar10_microbatch'),
+                        help='output stem: writes STEM.md and STEM.png')
+    args = parser.parse_args(argv)
+    results = [read_run(r) for r in args.runs]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    args.out.with_suffix('.md').write_text(table)
+    plot(results, args.out.with_suffix('.png'))
+    print(table, end='')
+    print(f'wrote {args.out.with_suffix(".md")} and {args.out.with_suffix(".png")}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""benchmarks/cifar_results.py on run folders laid out as zoo-train writes them (made here)."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip('matplotlib')
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'cifar_results.py'
+spec = importlib.util.spec_from_file_location('cifar_results', SCRIPT)
+cifar_results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cifar_results)
+
+
+def make_run(root: Path, name: str, model: str, batch_size: int, virtual_devices, versions):
+    """A run folder with one logs/version_i per entry of ``versions`` (each a test top-1 or None)."""
+    for i, top1 in enumerate(versions):
+        d = root / name / 'logs' / f'version_{i}'
+        d.mkdir(parents=True)
+        cfg = {'trainer': {'devices': 1, 'max_epochs': 20},
+               'model': {'init_args': {'model_name': model}},
+               'data': {'init_args': {'batch_size': batch_size, 'virtual_devices': virtual_devices}}}
+        (d / 'config.yaml').write_text(yaml.safe_dump(cfg))
+        with open(d / 'metrics.csv', 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=['epoch', 'step', 'val/top1', 'test/top1'])
+            w.writeheader()
+            w.writerow({'epoch': 0, 'step': 390, 'val/top1': 0.5})
+            if top1 is not None:
+                w.writerow({'epoch': 19, 'step': 7820, 'test/top1': top1})
+    return root / name
+
+
+def test_table_and_plot_from_run_folders(tmp_path):
+    runs = [
+        make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [None, 0.9012]),  # resumed once
+        make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105]),
+        make_run(tmp_path, 'resnet20', 'resnet20', 2, 64, [0.8533]),
+    ]
+    out = tmp_path / 'out' / 'table'
+    assert cifar_results.main([str(r) for r in runs] + ['--out', str(out)]) == 0
+    table = out.with_suffix('.md').read_text().splitlines()
+    assert '| resnet20_wsbcn | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | 90.12 |' in table
+    assert '| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 |' in table
+    assert '| resnet20 | resnet20 | BN | 2 | 64 | 20 | 85.33 |' in table
+    png = out.with_suffix('.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+
+
+def test_unfinished_run_is_a_clear_error(tmp_path):
+    run = make_run(tmp_path, 'resnet20_gn', 'resnet20_gn', 2, 64, [None])
+    with pytest.raises(ValueError, match='no test/top1.*did the run finish'):
+        cifar_results.read_run(run)
+    with pytest.raises(FileNotFoundError, match='no logs/version_'):
+        cifar_results.read_run(tmp_path / 'empty')
