@@ -9,6 +9,7 @@ LightningDataModule, e.g. ``lightning_modules.ImageClassifier`` and
 ``lightning_modules.Cifar10DataModule``). Extra option: ``--test_after_fit true`` runs the test
 set after ``fit`` with the final weights and prints top-1.
 """
+from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning.pytorch as pl
@@ -25,9 +26,10 @@ class ZooCLI(LightningCLI):
                             help='After fit, evaluate the final weights on the test set and print top-1.')
 
     def after_fit(self) -> None:
-        if not self.config[self.subcommand].get('test_after_fit'):
-            return
         if self.trainer.interrupted:
+            return
+        self._save_final_checkpoint()
+        if not self.config[self.subcommand].get('test_after_fit'):
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         if self.trainer.is_global_zero and results:
@@ -39,6 +41,20 @@ class ZooCLI(LightningCLI):
             print(f'\nTest top-1: {100 * top1:.2f}% on {n} test images'
                   + (f', top-5: {100 * metrics["test/top5"]:.2f}%' if 'test/top5' in metrics else '')
                   + (f'\nCheckpoint: {where}' if where else ''), flush=True)
+
+    def _save_final_checkpoint(self) -> None:
+        """Write the final weights to ``last.ckpt``.
+
+        With ``every_n_train_steps``, ModelCheckpoint's last save can be up to N-1 steps before the
+        end of training (its ``on_train_end`` only saves when nothing was saved yet), so the weights
+        that ``--test_after_fit`` evaluates, and that get published, would be in no checkpoint.
+        """
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is None or not ckpt.save_last or not ckpt.dirpath:
+            return
+        path = Path(ckpt.dirpath) / f'{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}'
+        self.trainer.save_checkpoint(path)
+        ckpt.last_model_path = str(path)
 
 
 def build_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ZooCLI:

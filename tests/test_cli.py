@@ -47,3 +47,25 @@ def test_fit_then_test_prints_top1_and_leaves_checkpoint(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert 'Test top-1:' in out and 'on 12 test images' in out
     assert list((tmp_path / 'run').rglob('*.ckpt'))
+
+
+def test_last_checkpoint_holds_the_final_weights(tmp_path, monkeypatch):
+    """every_n_train_steps=2 and 3 steps: ModelCheckpoint alone leaves step 2 in last.ckpt."""
+    import torch
+    from lightning_modules.cli import build_cli
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / 'data', per_class=4)
+    cli = build_cli([
+        'fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
+        '--model.num_classes', '3', '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(root),
+        '--data.input_size', '16', '--data.batch_size', '2', '--data.num_workers', '0',
+        '--trainer.max_steps', '3', '--trainer.accelerator', 'cpu', '--trainer.logger', 'false',
+        '--trainer.enable_progress_bar', 'false',
+        '--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint',
+        f'--trainer.callbacks.dirpath={tmp_path / "ckpt"}', '--trainer.callbacks.save_last=true',
+        '--trainer.callbacks.every_n_train_steps=2'])
+    last = torch.load(tmp_path / 'ckpt' / 'last.ckpt', map_location='cpu', weights_only=True)
+    assert cli.trainer.global_step == 3 and last['global_step'] == 3
+    final = cli.model.state_dict()
+    for k, v in last['state_dict'].items():
+        assert torch.equal(v, final[k]), k
