@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import timm
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from timm.models import model_entrypoint, split_model_name_tag
 
 import zoo
@@ -204,14 +204,29 @@ def _describe(arch: str) -> str:
     return doc[0].rstrip('.') if doc else arch
 
 
+TEST_METRICS = {'test/top1': 'top-1 accuracy', 'test/top5': 'top-5 accuracy'}  # logged as fractions
+
+
+def eval_results(repo_id: str, info: RunInfo) -> Optional[List[EvalResult]]:
+    """The run's test accuracies (in %) as the card's ``model-index``, which the Hub displays and parses."""
+    found = [(k, name) for k, name in TEST_METRICS.items() if isinstance(info.metrics.get(k), float)]
+    if not info.dataset or not found:
+        return None
+    return [EvalResult(task_type='image-classification', dataset_type=info.dataset, dataset_name=info.dataset,
+                       dataset_split='test', metric_type='accuracy', metric_name=name,
+                       metric_value=round(100 * info.metrics[k], 2)) for k, name in found]
+
+
 def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> ModelCard:
     cfg = model.pretrained_cfg
     arch = split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
     papers = _papers_for(arch)
+    results = eval_results(repo_id, info)
     data = ModelCardData(
         library_name='timm', license=info.license, pipeline_tag='image-classification',
         tags=['image-classification', 'timm', 'wsbcn-zoo', 'micro-batch-training'],
-        datasets=[info.dataset] if info.dataset else None)
+        datasets=[info.dataset] if info.dataset else None,
+        model_name=repo_id.split('/')[-1] if results else None, eval_results=results)
     n_params = sum(p.numel() for p in model.parameters())
     metrics = '\n'.join(f'| {k} | {v:.4g} |' if isinstance(v, float) else f'| {k} | {v} |'
                         for k, v in info.metrics.items()) or '| (none recorded) | |'

@@ -53,7 +53,7 @@ class ZooCLI(LightningCLI):
         if ckpt is None or not ckpt.save_last or not ckpt.dirpath:
             return
         path = Path(ckpt.dirpath) / f'{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}'
-        self.trainer.save_checkpoint(path)
+        self.trainer.save_checkpoint(path, weights_only=False)  # full state: resumable
         ckpt.last_model_path = str(path)
 
 

@@ -119,6 +119,18 @@ def test_card_reports_the_logged_metric_value(trained, exported):
     assert f'| val_acc | {last:.4g} |' in (exported / 'README.md').read_text()
 
 
+def test_card_model_index_holds_the_test_accuracy(trained, tmp_path):
+    """Test accuracies go into the card's model-index (what the Hub parses), in %, for the given dataset."""
+    from huggingface_hub import ModelCard
+    metrics = tmp_path / 'metrics.json'
+    metrics.write_text(json.dumps({'test/top1': 0.8712, 'test/top5': 0.9934}))
+    out = tmp_path / 'export'
+    assert _export(trained[1], out, '--metrics', str(metrics)) == 0
+    results = {r.metric_name: r for r in ModelCard.load(out / 'README.md').data.eval_results}
+    assert results['top-1 accuracy'].metric_value == 87.12 and results['top-5 accuracy'].metric_value == 99.34
+    assert results['top-1 accuracy'].dataset_type == 'cifar10' and results['top-1 accuracy'].dataset_split == 'test'
+
+
 def test_token_is_never_printed(trained, tmp_path, capsys, caplog):
     assert _export(trained[1], tmp_path / 'again') == 0
     out = capsys.readouterr()

@@ -27,7 +27,12 @@ from typing import Any, Callable, Dict, Optional
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-__all__ = ['WeightSpec', 'WEIGHT_SPECS', 'register_weight_spec', 'weight_spec_for', 'build_zoo_model']
+__all__ = ['WeightSpec', 'WEIGHT_SPECS', 'register_weight_spec', 'weight_spec_for', 'build_zoo_model',
+           'SHIPPED_WEIGHTS_DIR', 'shipped_weights']
+
+# Hub-ready folders (``hub_upload.py --dry-run --out``) of weights the zoo trained itself and ships
+# inside the package, one per ``arch.tag``: pretrained=True loads them with no network.
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'pretrained'
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,21 @@ def weight_spec_for(variant: str, pretrained: bool, pretrained_cfg: Any, pretrai
     return None
 
 
+def shipped_weights(name_with_tag: str) -> Optional[Path]:
+    """The shipped ``model.safetensors`` of ``arch.tag``, or None if the package has none."""
+    from zoo.hub import WEIGHTS_NAME
+    path = SHIPPED_WEIGHTS_DIR / name_with_tag.split('/')[-1] / WEIGHTS_NAME
+    return path if path.is_file() else None
+
+
 def _recorded_digest(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[str]:
-    """Digest from the config.json next to Hub / local-dir weights (None for other sources)."""
-    from zoo.hub import CONFIG_NAME, _recorded_sha256
+    """Digest from the config.json next to Hub / local-dir / Hub-folder file weights, else None."""
+    from zoo.hub import CONFIG_NAME, WEIGHTS_NAME, _recorded_sha256
     source = pretrained_cfg.get('source')
     if source == 'local-dir' and pretrained_cfg.get('file'):
         cfg_file = Path(pretrained_cfg['file']) / CONFIG_NAME
+    elif not source and pretrained_cfg.get('file') and Path(pretrained_cfg['file']).name == WEIGHTS_NAME:
+        cfg_file = Path(pretrained_cfg['file']).parent / CONFIG_NAME  # a file inside a Hub-ready folder
     elif source == 'hf-hub' and pretrained_cfg.get('hf_hub_id'):
         from huggingface_hub import hf_hub_download
         from timm.models._hub import hf_split

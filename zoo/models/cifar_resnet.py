@@ -22,12 +22,13 @@ from timm.models.resnet import BasicBlock, ResNet, make_blocks
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from .resnet import check_image_batch
-from ._weights import build_zoo_model
+from ._weights import build_zoo_model, shipped_weights
 
 __all__ = ['CifarResNet', 'CIFAR_DEPTHS', 'ZOO_CIFAR_MODELS']
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 
@@ -165,7 +166,9 @@ def _all_cfgs() -> Dict[str, Dict[str, Any]]:
     for name in ZOO_CIFAR_MODELS:
         tagged = [t for t in _WEIGHT_TAGS if t.split('.')[0] == name]
         for t in tagged:
-            cfgs[t] = _cfg(hf_hub_id=f'{HUB_ORG}/{t}', description=f'{name} trained on CIFAR-10, {_WEIGHT_TAGS[t]}')
+            shipped = shipped_weights(t)  # the zoo's own weights, inside the package: no download
+            cfgs[t] = _cfg(hf_hub_id=f'{HUB_ORG}/{t}', description=f'{name} trained on CIFAR-10, {_WEIGHT_TAGS[t]}',
+                           label_names=CIFAR10_CLASSES, **(dict(file=str(shipped)) if shipped else {}))
         if not tagged:
             cfgs[name] = _cfg()
     return cfgs

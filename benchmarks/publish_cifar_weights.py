@@ -1,0 +1,83 @@
+"""Publish finished CIFAR-10 runs as the zoo's shipped ``.cifar10`` weights, with ``hub_upload.py``.
+
+For each run folder, ``hub_upload.py --dry-run`` writes a Hub-ready folder (fp32 safetensors,
+timm ``config.json`` with the digest, model card with the run's test accuracy in its model-index)
+into ``zoo/pretrained/<arch>.<tag>``, from which ``timm.create_model('<arch>.<tag>',
+pretrained=True)`` loads with no network. The same folder can later be pushed as it is:
+``python hub_upload.py zoo/pretrained/<arch>.<tag> --repo-id wsbcn-zoo/<arch>.<tag>``.
+
+    python benchmarks/publish_cifar_weights.py runs/cifar10/resnet20_wsbcn runs/cifar10/resnet20_b128 ...
+
+The tag: ``cifar10``, except BN trained with few images per device (``cifar10_b2``), so that the
+plain ``resnet20.cifar10`` is the large-batch BN baseline.
+"""
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hub_upload  # noqa: E402
+from cifar_results import read_run  # noqa: E402
+from zoo.models._weights import SHIPPED_WEIGHTS_DIR  # noqa: E402
+from zoo.models.cifar_resnet import CIFAR10_CLASSES, HUB_ORG  # noqa: E402
+
+
+def tag_for(model: str, norm: str, images_per_device: int) -> str:
+    return f'{model}.cifar10_b{images_per_device}' if norm == 'BN' and images_per_device < 16 else f'{model}.cifar10'
+
+
+def tested_version(run_dir: Path) -> Tuple[Path, int]:
+    """The newest log version with a test result, and the global step the test ran at."""
+    for version in sorted(run_dir.glob('logs/version_*'), key=lambda p: int(p.name.split('_')[-1]), reverse=True):
+        metrics = version / 'metrics.csv'
+        if not metrics.is_file():
+            continue
+        with open(metrics, newline='') as f:
+            steps = [int(row['step']) for row in csv.DictReader(f) if row.get('test/top1')]
+        if steps:
+            return version, steps[-1]
+    raise ValueError(f'{run_dir}: no test result logged')
+
+
+def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[str] = None) -> Path:
+    result = read_run(run_dir)
+    version, test_step = tested_version(run_dir)
+    ckpt = run_dir / 'checkpoints' / 'last.ckpt'
+    saved_step = torch.load(ckpt, map_location='cpu', weights_only=True)['global_step']
+    if saved_step != test_step:  # the published weights must be the tested ones
+        raise ValueError(f'{ckpt} is from step {saved_step}, the test ran at step {test_step}: resume the run '
+                         f'(zoo-train fit ... --ckpt_path last) so that last.ckpt holds the final weights.')
+    name = tag or tag_for(result.model, result.norm, result.images_per_device)
+    out = out_root / name
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = Path(tmp) / 'labels.json'
+        labels.write_text(json.dumps(list(CIFAR10_CLASSES)))
+        rc = hub_upload.main([
+            str(ckpt), '--repo-id', f'{HUB_ORG}/{name}', '--dry-run', '--out', str(out), '--dataset', 'cifar10',
+            '--metrics', str(version / 'metrics.csv'), '--train-config', str(version / 'config.yaml'),
+            '--label-names', str(labels)])
+    if rc:
+        raise RuntimeError(f'hub_upload.py failed for {run_dir}')
+    return out
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('runs', nargs='+', type=Path, help='finished zoo-train run folders')
+    parser.add_argument('--out-root', type=Path, default=SHIPPED_WEIGHTS_DIR)
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        print(f'{run} -> {publish(run, args.out_root)}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
