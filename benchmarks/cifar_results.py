@@ -11,7 +11,7 @@ device, one line per architecture and normalization (like Figure 1 of the BCN pa
 """
 import argparse
 import csv
-import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -75,13 +75,37 @@ def read_run(run_dir: Path) -> RunResult:
     raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
 
 
+def baseline_of(results: Sequence[RunResult], arch: str) -> Optional[RunResult]:
+    """The large-batch BN run of an architecture (BN at the most images per device), if any."""
+    bn = [r for r in results if r.norm == 'BN' and r.model.partition('_')[0] == arch]
+    return max(bn, key=lambda r: r.images_per_device) if bn else None
+
+
 def markdown_table(results: Sequence[RunResult]) -> str:
-    lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) |',
-             '|---|---|---|---|---|---|---|']
-    for r in sorted(results, key=lambda r: (r.model, -r.images_per_device)):
+    lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) | vs. large-batch BN |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in sorted(results, key=lambda r: (r.model.partition('_')[0], r.norm != 'BN', -r.images_per_device, r.norm)):
+        base = baseline_of(results, r.model.partition('_')[0])
+        if base is None or base is r:
+            gap = '(baseline)' if base is r else '-'
+        else:
+            gap = f'{r.test_top1 - base.test_top1:+.2f}'
         lines.append(f'| {r.run} | {r.model} | {r.norm} | {r.images_per_device} | {r.devices} | {r.epochs} | '
-                     f'{r.test_top1:.2f} |')
+                     f'{r.test_top1:.2f} | {gap} |')
     return '\n'.join(lines) + '\n'
+
+
+README_START, README_END = '<!-- cifar10-results:start -->', '<!-- cifar10-results:end -->'
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace what lies between the README's result markers with ``block``."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f'{readme}: add the markers {README_START} and {README_END} where the table goes')
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f'{head}{README_START}\n{block.strip()}\n{README_END}{tail}')
 
 
 def plot(results: Sequence[RunResult], path: Path) -> None:
@@ -96,6 +120,12 @@ def plot(results: Sequence[RunResult], path: Path) -> None:
                         if r.norm == norm and r.model.partition('_')[0] == arch)
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker='o', label=f'{arch} {norm}')
+    for arch in sorted({r.model.partition('_')[0] for r in results}):
+        base = baseline_of(results, arch)
+        if base is not None:  # the large-batch BN result as a reference line
+            ax.axhline(base.test_top1, color='gray', linestyle='--', linewidth=1)
+            ax.annotate(f'{arch} BN @ {base.images_per_device}', (1, base.test_top1), xycoords=('axes fraction', 'data'),
+                        ha='right', va='bottom', fontsize=8, color='gray')
     ax.set_xscale('log', base=2)
     sizes = sorted({r.images_per_device for r in results})
     ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -114,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument('runs', nargs='+', type=Path, help='zoo-train run folders')
     parser.add_argument('--out', type=Path, default=Path('benchmarks/results/cifar10_microbatch'),
                         help='output stem: writes STEM.md and STEM.png')
+    parser.add_argument('--readme', type=Path, default=None,
+                        help='also put the table and plot into this README, between its cifar10-results markers')
     args = parser.parse_args(argv)
     results = [read_run(r) for r in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +154,10 @@ def main(argv=None) -> int:
     plot(results, args.out.with_suffix('.png'))
     print(table, end='')
     print(f'wrote {args.out.with_suffix(".md")} and {args.out.with_suffix(".png")}')
+    if args.readme:
+        png = os.path.relpath(args.out.with_suffix('.png').resolve(), args.readme.resolve().parent)
+        update_readme(args.readme, f'{table}\n![test accuracy against images per device]({png})\n')
+        print(f'updated {args.readme}')
     return 0
 
 

@@ -41,9 +41,10 @@ def test_table_and_plot_from_run_folders(tmp_path):
     out = tmp_path / 'out' / 'table'
     assert cifar_results.main([str(r) for r in runs] + ['--out', str(out)]) == 0
     table = out.with_suffix('.md').read_text().splitlines()
-    assert '| resnet20_wsbcn | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | 90.12 |' in table
-    assert '| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 |' in table
-    assert '| resnet20 | resnet20 | BN | 2 | 64 | 20 | 85.33 |' in table
+    assert '| resnet20_wsbcn | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | 90.12 | -0.93 |' in table
+    assert '| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 | (baseline) |' in table
+    assert '| resnet20 | resnet20 | BN | 2 | 64 | 20 | 85.33 | -5.72 |' in table
+    assert table.index('| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 | (baseline) |') == 2  # baseline first
     png = out.with_suffix('.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
 
@@ -54,3 +55,17 @@ def test_unfinished_run_is_a_clear_error(tmp_path):
         cifar_results.read_run(run)
     with pytest.raises(FileNotFoundError, match='no logs/version_'):
         cifar_results.read_run(tmp_path / 'empty')
+
+
+def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
+    runs = [make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105])]
+    readme = tmp_path / 'README.md'
+    readme.write_text('intro\n<!-- cifar10-results:start -->\nold table\n<!-- cifar10-results:end -->\noutro\n')
+    out = tmp_path / 'results' / 'table'
+    assert cifar_results.main([str(runs[0]), '--out', str(out), '--readme', str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith('intro\n<!-- cifar10-results:start -->\n| run |') and text.endswith('<!-- cifar10-results:end -->\noutro\n')
+    assert 'old table' not in text and '| 91.05 | (baseline) |' in text and '](results/table.png)' in text
+    readme.write_text('no markers\n')
+    with pytest.raises(ValueError, match='add the markers'):
+        cifar_results.main([str(runs[0]), '--out', str(out), '--readme', str(readme)])
