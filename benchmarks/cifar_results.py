@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import yaml
 
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / 'zoo' / 'pretrained'  # zoo.models._weights.SHIPPED_WEIGHTS_DIR
 NORM_LABELS = {
     'wsbcn': 'WS+BCN', 'bcn': 'BCN', 'wsgn': 'WS+GN', 'gn': 'GN', 'bgn': 'BGN', 'wsbgn': 'WS+BGN',
     'wsbn': 'WS+BN', '': 'BN',
@@ -75,6 +76,18 @@ def read_run(run_dir: Path) -> RunResult:
     raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
 
 
+def tag_for(model: str, norm: str, images_per_device: int) -> str:
+    """The pretrained tag a run's weights are published under: ``cifar10``, or ``cifar10_b2`` for
+    BN with few images per device, so that the plain ``resnet20.cifar10`` is the large-batch BN."""
+    return f'{model}.cifar10_b{images_per_device}' if norm == 'BN' and images_per_device < 16 else f'{model}.cifar10'
+
+
+def shipped_tag(r: RunResult) -> str:
+    """The tag, if its weights are shipped in ``zoo/pretrained`` (else '-')."""
+    tag = tag_for(r.model, r.norm, r.images_per_device)
+    return tag if (SHIPPED_DIR / tag / 'model.safetensors').is_file() else '-'
+
+
 def baseline_of(results: Sequence[RunResult], arch: str) -> Optional[RunResult]:
     """The large-batch BN run of an architecture (BN at the most images per device), if any."""
     bn = [r for r in results if r.norm == 'BN' and r.model.partition('_')[0] == arch]
@@ -82,8 +95,8 @@ def baseline_of(results: Sequence[RunResult], arch: str) -> Optional[RunResult]:
 
 
 def markdown_table(results: Sequence[RunResult]) -> str:
-    lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) | vs. large-batch BN |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) | vs. large-batch BN | weights |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in sorted(results, key=lambda r: (r.model.partition('_')[0], r.norm != 'BN', -r.images_per_device, r.norm)):
         base = baseline_of(results, r.model.partition('_')[0])
         if base is None or base is r:
@@ -91,7 +104,7 @@ def markdown_table(results: Sequence[RunResult]) -> str:
         else:
             gap = f'{r.test_top1 - base.test_top1:+.2f}'
         lines.append(f'| {r.run} | {r.model} | {r.norm} | {r.images_per_device} | {r.devices} | {r.epochs} | '
-                     f'{r.test_top1:.2f} | {gap} |')
+                     f'{r.test_top1:.2f} | {gap} | {shipped_tag(r)} |')
     return '\n'.join(lines) + '\n'
 
 

@@ -25,13 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hub_upload  # noqa: E402
-from cifar_results import read_run  # noqa: E402
+from cifar_results import read_run, tag_for  # noqa: E402
 from zoo.models._weights import SHIPPED_WEIGHTS_DIR  # noqa: E402
 from zoo.models.cifar_resnet import CIFAR10_CLASSES, HUB_ORG  # noqa: E402
-
-
-def tag_for(model: str, norm: str, images_per_device: int) -> str:
-    return f'{model}.cifar10_b{images_per_device}' if norm == 'BN' and images_per_device < 16 else f'{model}.cifar10'
 
 
 def tested_version(run_dir: Path) -> Tuple[Path, int]:

@@ -41,10 +41,10 @@ def test_table_and_plot_from_run_folders(tmp_path):
     out = tmp_path / 'out' / 'table'
     assert cifar_results.main([str(r) for r in runs] + ['--out', str(out)]) == 0
     table = out.with_suffix('.md').read_text().splitlines()
-    assert '| resnet20_wsbcn | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | 90.12 | -0.93 |' in table
-    assert '| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 | (baseline) |' in table
-    assert '| resnet20 | resnet20 | BN | 2 | 64 | 20 | 85.33 | -5.72 |' in table
-    assert table.index('| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 | (baseline) |') == 2  # baseline first
+    assert '| resnet20_wsbcn | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | 90.12 | -0.93 | - |' in table
+    assert '| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 | (baseline) | - |' in table
+    assert '| resnet20 | resnet20 | BN | 2 | 64 | 20 | 85.33 | -5.72 | - |' in table
+    assert table.index('| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 91.05 | (baseline) | - |') == 2  # baseline first
     png = out.with_suffix('.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
 
@@ -55,6 +55,15 @@ def test_unfinished_run_is_a_clear_error(tmp_path):
         cifar_results.read_run(run)
     with pytest.raises(FileNotFoundError, match='no logs/version_'):
         cifar_results.read_run(tmp_path / 'empty')
+
+
+def test_shipped_weights_are_named_in_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar_results, 'SHIPPED_DIR', tmp_path / 'pretrained')
+    (tmp_path / 'pretrained' / 'resnet20.cifar10_b2').mkdir(parents=True)
+    (tmp_path / 'pretrained' / 'resnet20.cifar10_b2' / 'model.safetensors').write_bytes(b'x')
+    runs = [make_run(tmp_path, 'resnet20', 'resnet20', 2, 64, [0.8533]), make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105])]
+    table = cifar_results.markdown_table([cifar_results.read_run(r) for r in runs])
+    assert '| 85.33 | -5.72 | resnet20.cifar10_b2 |' in table and '| 91.05 | (baseline) | - |' in table
 
 
 def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
