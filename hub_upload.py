@@ -149,7 +149,9 @@ def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
         info.metrics = read_metrics_file(metrics_file) if metrics_file else {}
         if ckpt.best_score is not None:
             info.metrics.setdefault(f'best {ckpt.monitor}', ckpt.best_score)
-        if ckpt.epoch is not None:
+        if ckpt.epochs_completed is not None:
+            info.metrics.setdefault('epochs', ckpt.epochs_completed)
+        elif ckpt.epoch is not None:
             info.metrics.setdefault('epochs', ckpt.epoch + 1)
         cfg_file = _log_dir_file(src, ('config.yaml', 'hparams.yaml'))
         info.train_config = _read_config_file(cfg_file) if cfg_file else ckpt.hparams

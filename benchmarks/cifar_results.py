@@ -140,6 +140,7 @@ def plot(results: Sequence[RunResult], path: Path) -> None:
             ax.annotate(f'{arch} BN @ {base.images_per_device}', (1, base.test_top1), xycoords=('axes fraction', 'data'),
                         ha='right', va='bottom', fontsize=8, color='gray')
     ax.set_xscale('log', base=2)
+    ax.margins(x=0.15)
     sizes = sorted({r.images_per_device for r in results})
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel('images per device')

@@ -32,7 +32,8 @@ def make_run(root: Path, name: str, model: str, batch_size: int, virtual_devices
     return root / name
 
 
-def test_table_and_plot_from_run_folders(tmp_path):
+def test_table_and_plot_from_run_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar_results, 'SHIPPED_DIR', tmp_path / 'no_weights_here')
     runs = [
         make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [None, 0.9012]),  # resumed once
         make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105]),

@@ -267,8 +267,17 @@ class LightningCheckpoint:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     epoch: Optional[int] = None
     global_step: Optional[int] = None
+    epochs_completed: Optional[int] = None
     monitor: Optional[str] = None
     best_score: Optional[float] = None
+
+
+def _epochs_completed(ckpt: Mapping[str, Any]) -> Optional[int]:
+    """Whole epochs trained, from the fit loop's progress (``epoch`` alone is off by one after fit)."""
+    try:
+        return int(ckpt['loops']['fit_loop']['epoch_progress']['current']['processed'])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _walk(d: Any):
@@ -311,6 +320,7 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
     return LightningCheckpoint(
         path=path, state_dict=dict(ckpt['state_dict']), hparams=hparams, model_name=_find_model_name(hparams),
         model_kwargs=_find_model_kwargs(hparams), epoch=ckpt.get('epoch'), global_step=ckpt.get('global_step'),
+        epochs_completed=_epochs_completed(ckpt),
         monitor=monitor, best_score=best)
 
 
