@@ -12,13 +12,16 @@ device, one line per architecture and normalization (like Figure 1 of the BCN pa
 import argparse
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import yaml
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / 'zoo' / 'pretrained'  # zoo.models._weights.SHIPPED_WEIGHTS_DIR
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo.models._weights import shipped_weights  # noqa: E402
+
 NORM_LABELS = {
     'wsbcn': 'WS+BCN', 'bcn': 'BCN', 'wsgn': 'WS+GN', 'gn': 'GN', 'bgn': 'BGN', 'wsbgn': 'WS+BGN',
     'wsbn': 'WS+BN', '': 'BN',
@@ -34,6 +37,8 @@ class RunResult:
     devices: int
     epochs: Optional[int]
     test_top1: float
+    log_dir: Path  # the logs/version_* folder the test result comes from
+    test_step: int  # the global step the test ran at (publishing checks the checkpoint against it)
 
 
 def norm_of(model_name: str) -> str:
@@ -46,13 +51,14 @@ def _versions(run_dir: Path) -> List[Path]:
     return sorted(run_dir.glob('**/version_*'), key=lambda p: int(p.name.split('_')[-1]))
 
 
-def _last_value(metrics_csv: Path, column: str) -> Optional[float]:
-    value = None
+def _last_test_top1(metrics_csv: Path) -> Optional[Tuple[float, int]]:
+    """The last logged ``test/top1`` and its step, or None."""
+    found = None
     with open(metrics_csv, newline='') as f:
         for row in csv.DictReader(f):
-            if row.get(column):
-                value = float(row[column])
-    return value
+            if row.get('test/top1'):
+                found = float(row['test/top1']), int(row['step'])
+    return found
 
 
 def read_run(run_dir: Path) -> RunResult:
@@ -63,8 +69,8 @@ def read_run(run_dir: Path) -> RunResult:
     for version in reversed(versions):
         metrics, config = version / 'metrics.csv', version / 'config.yaml'
         if metrics.is_file() and config.is_file():
-            top1 = _last_value(metrics, 'test/top1')
-            if top1 is not None:
+            test = _last_test_top1(metrics)
+            if test is not None:
                 cfg = yaml.safe_load(config.read_text())
                 model = cfg['model']['init_args']['model_name']
                 data = cfg['data']['init_args']
@@ -72,7 +78,8 @@ def read_run(run_dir: Path) -> RunResult:
                 return RunResult(
                     run=run_dir.name, model=model, norm=norm_of(model), images_per_device=int(data['batch_size']),
                     devices=int(devices) if str(devices).isdigit() else 1,
-                    epochs=cfg['trainer'].get('max_epochs'), test_top1=100 * top1)
+                    epochs=cfg['trainer'].get('max_epochs'), test_top1=100 * test[0], log_dir=version,
+                    test_step=test[1])
     raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
 
 
@@ -85,7 +92,7 @@ def tag_for(model: str, norm: str, images_per_device: int) -> str:
 def shipped_tag(r: RunResult) -> str:
     """The tag, if its weights are shipped in ``zoo/pretrained`` (else '-')."""
     tag = tag_for(r.model, r.norm, r.images_per_device)
-    return tag if (SHIPPED_DIR / tag / 'model.safetensors').is_file() else '-'
+    return tag if shipped_weights(tag) else '-'
 
 
 def baseline_of(results: Sequence[RunResult], arch: str) -> Optional[RunResult]:

@@ -12,12 +12,11 @@ The tag: ``cifar10``, except BN trained with few images per device (``cifar10_b2
 plain ``resnet20.cifar10`` is the large-batch BN baseline.
 """
 import argparse
-import csv
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,26 +29,13 @@ from zoo.models._weights import SHIPPED_WEIGHTS_DIR  # noqa: E402
 from zoo.models.cifar_resnet import CIFAR10_CLASSES, HUB_ORG  # noqa: E402
 
 
-def tested_version(run_dir: Path) -> Tuple[Path, int]:
-    """The newest log version with a test result, and the global step the test ran at."""
-    for version in sorted(run_dir.glob('logs/version_*'), key=lambda p: int(p.name.split('_')[-1]), reverse=True):
-        metrics = version / 'metrics.csv'
-        if not metrics.is_file():
-            continue
-        with open(metrics, newline='') as f:
-            steps = [int(row['step']) for row in csv.DictReader(f) if row.get('test/top1')]
-        if steps:
-            return version, steps[-1]
-    raise ValueError(f'{run_dir}: no test result logged')
-
-
 def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[str] = None) -> Path:
     result = read_run(run_dir)
-    version, test_step = tested_version(run_dir)
+    version = result.log_dir
     ckpt = run_dir / 'checkpoints' / 'last.ckpt'
     saved_step = torch.load(ckpt, map_location='cpu', weights_only=True)['global_step']
-    if saved_step != test_step:  # the published weights must be the tested ones
-        raise ValueError(f'{ckpt} is from step {saved_step}, the test ran at step {test_step}: resume the run '
+    if saved_step != result.test_step:  # the published weights must be the tested ones
+        raise ValueError(f'{ckpt} is from step {saved_step}, the test ran at step {result.test_step}: resume the run '
                          f'(zoo-train fit ... --ckpt_path last) so that last.ckpt holds the final weights.')
     name = tag or tag_for(result.model, result.norm, result.images_per_device)
     out = out_root / name

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import zoo.models._weights
+
 pytest.importorskip('matplotlib')
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'cifar_results.py'
@@ -33,7 +35,7 @@ def make_run(root: Path, name: str, model: str, batch_size: int, virtual_devices
 
 
 def test_table_and_plot_from_run_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar_results, 'SHIPPED_DIR', tmp_path / 'no_weights_here')
+    monkeypatch.setattr(zoo.models._weights, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
     runs = [
         make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [None, 0.9012]),  # resumed once
         make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105]),
@@ -59,7 +61,7 @@ def test_unfinished_run_is_a_clear_error(tmp_path):
 
 
 def test_shipped_weights_are_named_in_the_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar_results, 'SHIPPED_DIR', tmp_path / 'pretrained')
+    monkeypatch.setattr(zoo.models._weights, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'pretrained')
     (tmp_path / 'pretrained' / 'resnet20.cifar10_b2').mkdir(parents=True)
     (tmp_path / 'pretrained' / 'resnet20.cifar10_b2' / 'model.safetensors').write_bytes(b'x')
     runs = [make_run(tmp_path, 'resnet20', 'resnet20', 2, 64, [0.8533]), make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105])]

@@ -125,8 +125,3 @@ def test_publishing_refuses_a_checkpoint_older_than_the_test(tmp_path):
     torch.save({'global_step': 8, 'state_dict': {}}, run / 'checkpoints' / 'last.ckpt')
     with pytest.raises(ValueError, match='step 8, the test ran at step 10'):
         publish(run, tmp_path / 'out')
-
-
-def test_results_script_looks_for_weights_where_the_zoo_ships_them():
-    import cifar_results
-    assert cifar_results.SHIPPED_DIR == SHIPPED_WEIGHTS_DIR
