@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 import zoo
+from zoo.hub import WeightsError
 from zoo.layers import EstimatedBatchNorm2d
 from zoo.layers.temporal_shift import TemporalShift, temporal_shift
 from zoo.models.tsm import TSM_ARCHS, TSM_VARIANTS, TSMResNet
@@ -119,6 +120,29 @@ def test_pretrained_2d_file_loads_through_timm(tmp_path):
     assert isinstance(tsm, TSMResNet) and tsm.fc.out_features == 3
     torch.testing.assert_close(tsm.layer4[1].conv2.weight, model_2d.layer4[1].conv2.weight)
     torch.testing.assert_close(tsm.layer2[0].bn1.bn.running_var, model_2d.layer2[0].bn1.bn.running_var)
+
+
+
+def test_pretrained_2d_file_with_its_class_count_gets_a_new_head(tmp_path):
+    """The docstring's form: the overlay names the file's 1000 classes, the model gets 5."""
+    model_2d = timm.create_model('resnet18_wsbcn')
+    path = tmp_path / 'resnet18_wsbcn.safetensors'
+    save_file(model_2d.state_dict(), str(path))
+    tsm = timm.create_model('tsm_resnet18_wsbcn', pretrained=True, num_classes=5, num_segments=2,
+                            pretrained_cfg_overlay=dict(file=str(path), num_classes=1000))
+    assert tsm.fc.out_features == 5
+    torch.testing.assert_close(tsm.conv1.weight, model_2d.conv1.weight)
+
+
+def test_pretrained_file_that_does_not_fit_raises_weights_error(tmp_path):
+    path = tmp_path / 'resnet18_wsbcn.safetensors'
+    save_file(timm.create_model('resnet18_wsbcn').state_dict(), str(path))  # 1000-class head
+    with pytest.raises(WeightsError, match=r'fc\.weight'):  # the cfg says 400 classes, the file has 1000
+        timm.create_model('tsm_resnet18_wsbcn', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match='truncated or corrupted'):
+        timm.create_model('tsm_resnet18_wsbcn', pretrained=True, num_classes=3,
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=1000))
 
 
 def _build_for_sync():

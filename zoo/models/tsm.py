@@ -13,8 +13,11 @@ the estimated batch stage all-reduces its statistics across processes as for ima
 The shift has no parameters: state-dict keys equal those of the 2D model of the same name
 (``tsm_resnet50_wsbcn`` <-> ``resnet50_wsbcn``), so ImageNet weights load unchanged, e.g.
 ``timm.create_model('tsm_resnet50_wsbcn', pretrained=True, num_classes=400,
-pretrained_cfg_overlay=dict(file='resnet50_wsbcn.safetensors'))``. With ``num_segments=1`` there
-is no shift and the model equals the 2D one.
+pretrained_cfg_overlay=dict(file='resnet50_wsbcn.safetensors', num_classes=1000))``: the overlay's
+``num_classes`` is the file's, so its 1000-class head is dropped for a new 400-class one. Weights
+load through :func:`~zoo.models._weights.build_zoo_model`, so a file that does not fit raises
+:class:`zoo.hub.WeightsError` naming the keys. With ``num_segments=1`` there is no shift and the
+model equals the 2D one.
 
 Names: ``tsm_{resnet18,resnet50,resnet101}_{wsbcn,wsgn,bn}``; ``_bn`` is plain conv + BatchNorm.
 Extra kwargs: ``num_segments``, ``shift_div`` (1/shift_div of the channels shift each way,
@@ -27,11 +30,12 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models.resnet import ResNet
 
 from zoo.layers.temporal_shift import add_temporal_shift
 from ._variants import BN_VARIANT, NORM_VARIANTS, register_zoo_entrypoint
+from ._weights import build_zoo_model
 from .resnet import IMAGENET_ARCHS, ZooResNet
 
 __all__ = ['TSMResNet', 'TSM_ARCHS', 'TSM_VARIANTS', 'ZOO_TSM_MODELS', 'check_video_batch']
@@ -118,7 +122,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create_tsm_resnet(name: str, arch: str, variant: str, pretrained: bool = False, **kwargs) -> TSMResNet:
     model_args = dict(IMAGENET_ARCHS[arch], norm_variant=TSM_VARIANTS[variant])
-    return build_model_with_cfg(TSMResNet, name, pretrained, **dict(model_args, **kwargs))
+    return build_zoo_model(TSMResNet, name, pretrained, **dict(model_args, **kwargs))
 
 
 ZOO_TSM_MODELS = tuple(f'tsm_{a}_{v}' for a in TSM_ARCHS for v in TSM_VARIANTS)
