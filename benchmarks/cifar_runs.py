@@ -4,7 +4,9 @@ Every run is an ordinary ``zoo-train fit -c <config> --trainer.max_epochs <epoch
 schedule is shared by all. A run that already has a test top-1 in its logs is skipped; one with a
 ``checkpoints/last.ckpt`` is resumed from it (``--ckpt_path last``), so the queue can be stopped
 at any time and started again. On a small CPU machine, two one-thread runs side by side train
-about 1.4x faster in total than one run using both cores.
+about 1.4x faster in total than one run using both cores. The thread count is logged with each
+start: on CPU it changes float summation order, so a run resumed with other threads drifts slightly
+from an uninterrupted one.
 
     python benchmarks/cifar_runs.py --epochs 15 --jobs 2 \\
         configs/cifar10/resnet20_wsbcn.yaml configs/cifar10/resnet20_b128.yaml ...
@@ -56,7 +58,7 @@ def run_one(config: Path, epochs: int, threads: int) -> int:
     cmd = train_command(config, epochs, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    print(f'[{"resume" if resume else "start"}] {" ".join(cmd)}  (log: {run_dir / "train.log"})', flush=True)
+    print(f'[{"resume" if resume else "start"}] {" ".join(cmd)}  (threads: {threads}, log: {run_dir / "train.log"})', flush=True)
     start = time.time()
     with open(run_dir / 'train.log', 'a') as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
