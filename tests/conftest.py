@@ -1,8 +1,10 @@
+import csv
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
@@ -12,3 +14,27 @@ sys.path.insert(0, str(REPO_ROOT))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _write_run(root: Path, name: str, model: str, batch_size: int, virtual_devices, versions) -> Path:
+    """A run folder as zoo-train writes it: one logs/version_i per entry of ``versions`` (a test top-1 or None)."""
+    for i, top1 in enumerate(versions):
+        d = root / name / 'logs' / f'version_{i}'
+        d.mkdir(parents=True)
+        cfg = {'trainer': {'devices': 1, 'max_epochs': 20},
+               'model': {'init_args': {'model_name': model}},
+               'data': {'init_args': {'batch_size': batch_size, 'virtual_devices': virtual_devices}}}
+        (d / 'config.yaml').write_text(yaml.safe_dump(cfg))
+        with open(d / 'metrics.csv', 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=['epoch', 'step', 'val/top1', 'test/top1'])
+            w.writeheader()
+            w.writerow({'epoch': 0, 'step': 390, 'val/top1': 0.5})
+            if top1 is not None:
+                w.writerow({'epoch': 19, 'step': 7820, 'test/top1': top1})
+    return root / name
+
+
+@pytest.fixture
+def make_run():
+    """``make_run(root, name, model, batch_size, virtual_devices, versions)``: see :func:`_write_run`."""
+    return _write_run

@@ -1,10 +1,8 @@
-"""benchmarks/cifar_results.py on run folders laid out as zoo-train writes them (made here)."""
-import csv
+"""benchmarks/cifar_results.py on run folders laid out as zoo-train writes them (written by the make_run fixture in conftest.py)."""
 import importlib.util
 from pathlib import Path
 
 import pytest
-import yaml
 
 import zoo.models._weights
 
@@ -16,25 +14,7 @@ cifar_results = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cifar_results)
 
 
-def make_run(root: Path, name: str, model: str, batch_size: int, virtual_devices, versions):
-    """A run folder with one logs/version_i per entry of ``versions`` (each a test top-1 or None)."""
-    for i, top1 in enumerate(versions):
-        d = root / name / 'logs' / f'version_{i}'
-        d.mkdir(parents=True)
-        cfg = {'trainer': {'devices': 1, 'max_epochs': 20},
-               'model': {'init_args': {'model_name': model}},
-               'data': {'init_args': {'batch_size': batch_size, 'virtual_devices': virtual_devices}}}
-        (d / 'config.yaml').write_text(yaml.safe_dump(cfg))
-        with open(d / 'metrics.csv', 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=['epoch', 'step', 'val/top1', 'test/top1'])
-            w.writeheader()
-            w.writerow({'epoch': 0, 'step': 390, 'val/top1': 0.5})
-            if top1 is not None:
-                w.writerow({'epoch': 19, 'step': 7820, 'test/top1': top1})
-    return root / name
-
-
-def test_table_and_plot_from_run_folders(tmp_path, monkeypatch):
+def test_table_and_plot_from_run_folders(tmp_path, monkeypatch, make_run):
     monkeypatch.setattr(zoo.models._weights, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
     runs = [
         make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [None, 0.9012]),  # resumed once
@@ -52,7 +32,7 @@ def test_table_and_plot_from_run_folders(tmp_path, monkeypatch):
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
 
 
-def test_unfinished_run_is_a_clear_error(tmp_path):
+def test_unfinished_run_is_a_clear_error(tmp_path, make_run):
     run = make_run(tmp_path, 'resnet20_gn', 'resnet20_gn', 2, 64, [None])
     with pytest.raises(ValueError, match='no test/top1.*did the run finish'):
         cifar_results.read_run(run)
@@ -60,7 +40,7 @@ def test_unfinished_run_is_a_clear_error(tmp_path):
         cifar_results.read_run(tmp_path / 'empty')
 
 
-def test_shipped_weights_are_named_in_the_table(tmp_path, monkeypatch):
+def test_shipped_weights_are_named_in_the_table(tmp_path, monkeypatch, make_run):
     monkeypatch.setattr(zoo.models._weights, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'pretrained')
     (tmp_path / 'pretrained' / 'resnet20.cifar10_b2').mkdir(parents=True)
     (tmp_path / 'pretrained' / 'resnet20.cifar10_b2' / 'model.safetensors').write_bytes(b'x')
@@ -69,7 +49,7 @@ def test_shipped_weights_are_named_in_the_table(tmp_path, monkeypatch):
     assert '| 85.33 | -5.72 | resnet20.cifar10_b2 |' in table and '| 91.05 | (baseline) | - |' in table
 
 
-def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
+def test_readme_block_is_replaced_and_the_rest_kept(tmp_path, make_run):
     runs = [make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105])]
     readme = tmp_path / 'README.md'
     readme.write_text('intro\n<!-- cifar10-results:start -->\nold table\n<!-- cifar10-results:end -->\noutro\n')

@@ -1,5 +1,4 @@
 """benchmarks/cifar_runs.py: which runs the queue skips, resumes or starts, with what command."""
-import csv
 import importlib.util
 from pathlib import Path
 
@@ -31,18 +30,6 @@ def _config(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def _finish(run_dir: Path) -> None:
-    version = run_dir / 'logs' / 'version_0'
-    version.mkdir(parents=True)
-    (version / 'config.yaml').write_text(yaml.safe_dump({
-        'trainer': {'devices': 1, 'max_epochs': 3}, 'model': {'init_args': {'model_name': 'resnet20'}},
-        'data': {'init_args': {'batch_size': 128, 'virtual_devices': 1}}}))
-    with open(version / 'metrics.csv', 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=['epoch', 'step', 'test/top1'])
-        w.writeheader()
-        w.writerow({'epoch': 2, 'step': 1170, 'test/top1': 0.8})
-
-
 @pytest.fixture
 def calls(monkeypatch):
     seen = []
@@ -54,9 +41,9 @@ def calls(monkeypatch):
     return seen
 
 
-def test_queue_skips_finished_resumes_checkpointed_and_starts_new(tmp_path, calls):
+def test_queue_skips_finished_resumes_checkpointed_and_starts_new(tmp_path, calls, make_run):
     finished, checkpointed, fresh = (_config(tmp_path, n) for n in ('finished', 'checkpointed', 'fresh'))
-    _finish(tmp_path / 'runs' / 'finished')
+    make_run(tmp_path / 'runs', 'finished', 'resnet20', 128, 1, [0.8])
     (tmp_path / 'runs' / 'checkpointed' / 'checkpoints').mkdir(parents=True)
     (tmp_path / 'runs' / 'checkpointed' / 'checkpoints' / 'last.ckpt').write_bytes(b'x')
 

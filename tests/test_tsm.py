@@ -122,7 +122,6 @@ def test_pretrained_2d_file_loads_through_timm(tmp_path):
     torch.testing.assert_close(tsm.layer2[0].bn1.bn.running_var, model_2d.layer2[0].bn1.bn.running_var)
 
 
-
 def test_pretrained_2d_file_with_its_class_count_gets_a_new_head(tmp_path):
     """The docstring's form: the overlay names the file's 1000 classes, the model gets 5."""
     model_2d = timm.create_model('resnet18_wsbcn')
