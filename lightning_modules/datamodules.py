@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from .datasets import ImageFolderDataset
-from .samplers import ResumableDataLoader, VirtualDeviceSampler
+from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler
 
 __all__ = ['ImageDataModule', 'ImageFolderDataModule', 'Cifar10DataModule', 'prepare_cifar10', 'REPO_ROOT',
            'CIFAR10_JPEG_SHA256', 'resolve_path']
@@ -94,7 +94,7 @@ def prepare_cifar10(source: Union[str, Path, None] = None, cache_dir: Union[str,
     return target
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
     """Shared loaders: per-device batches, device emulation, resumable training order.
 
     Args:
@@ -147,29 +147,18 @@ class ImageDataModule(pl.LightningDataModule):
     def train_sampler(self) -> VirtualDeviceSampler:
         world, rank = self._world()
         k = self.virtual_devices
-        return VirtualDeviceSampler(
+        return self.resume_sampler(VirtualDeviceSampler(
             self.train_set, self.batch_size, num_replicas=world * k, ranks=[rank * k + i for i in range(k)],
-            shuffle=True, seed=self.resolved_seed())
-
-    def _train_position(self) -> Tuple[int, int]:
-        trainer = self.trainer
-        epoch = trainer.current_epoch
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:
-            return epoch + 1, 0
-        return epoch, done
+            shuffle=True, seed=self.resolved_seed()))
 
     def _loader_kwargs(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                     persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        loader = ResumableDataLoader(
+        return TrainDataLoader(
             self.train_set, batch_size=self.batch_size * self.virtual_devices, sampler=self.train_sampler(),
             drop_last=True, **self._loader_kwargs())
-        if self.trainer is not None:
-            loader.position_fn = self._train_position
-        return loader
 
     def _eval_loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
