@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from .datasets import ImageFolderDataset
+from .predict import IMAGE_EXTENSIONS, UnlabeledImages, list_inputs
 from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler
 
 __all__ = ['ImageDataModule', 'ImageFolderDataModule', 'Cifar10DataModule', 'prepare_cifar10', 'REPO_ROOT',
@@ -104,6 +105,8 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         num_workers: loader worker processes.
         seed: shuffling and augmentation seed; None takes ``seed_everything``'s (``PL_GLOBAL_SEED``).
         skip_corrupt: skip (and count) unreadable images instead of stopping with an error.
+        predict: unlabeled images for ``zoo-train predict``: a folder, a list file or a CSV with a
+            ``path`` column (see :func:`lightning_modules.predict.list_inputs`); eval transform.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
             seed: Optional[int] = None,
             skip_corrupt: bool = False,
             pin_memory: bool = False,
+            predict: Optional[str] = None,
     ):
         super().__init__()
         if batch_size < 1 or virtual_devices < 1:
@@ -126,13 +130,20 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         self.seed = seed
         self.skip_corrupt = skip_corrupt
         self.pin_memory = pin_memory
-        self.train_set = self.val_set = self.test_set = None
+        self.predict = predict
+        self.train_set = self.val_set = self.test_set = self.predict_set = None
 
     # Subclasses build the datasets.
     def build_datasets(self, stage: str) -> Tuple[Optional[ImageFolderDataset], ImageFolderDataset, ImageFolderDataset]:
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
+        if stage == 'predict':
+            if self.predict is None:
+                raise ValueError('zoo-train predict needs the inputs: --data.init_args.predict <folder, list or CSV>')
+            self.predict_set = UnlabeledImages(list_inputs(resolve_path(self.predict), IMAGE_EXTENSIONS),
+                                               self.eval_transform)
+            return
         self.train_set, self.val_set, self.test_set = self.build_datasets(stage)
         if self.train_set is not None:
             self.train_set.seed = self.resolved_seed()
@@ -168,6 +179,9 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_set)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -222,7 +236,7 @@ class Cifar10DataModule(ImageDataModule):
     """CIFAR-10 from the shared ``cifar10-jpeg.tar.gz`` (checked, extracted once) or an ImageFolder root.
 
     Training: the standard CIFAR recipe, random 32x32 crop of the image padded by ``padding``
-    pixels + horizontal flip. Eval: none. CIFAR-10 has no separate validation split: the
+    pixels + horizontal flip. Eval: resize + centre crop to 32 (nothing on CIFAR's own images). CIFAR-10 has no separate validation split: the
     validation loader is the test split, as in most CIFAR papers (say so when you report).
 
     Args:
@@ -249,7 +263,9 @@ class Cifar10DataModule(ImageDataModule):
         self.train_per_class, self.test_per_class = train_per_class, test_per_class
         normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
         self.train_transform = T.Compose([T.RandomCrop(32, padding=padding), T.RandomHorizontalFlip(hflip)] + normalize)
-        self.eval_transform = T.Compose(normalize)
+        # Eval at the training size: images of another size (an ImageFolder root of 64x64 images,
+        # photos to predict) are resized and centre-cropped to 32 (a no-op on CIFAR's own images).
+        self.eval_transform = T.Compose([T.Resize(32), T.CenterCrop(32)] + normalize)
         self.root: Optional[Path] = None
 
     def prepare_data(self) -> None:
