@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
 from .predict import TopKWriter
+from .runtime import quiet_known_noise, set_cpu_threads
 
 __all__ = ['ZooCLI', 'build_cli', 'main']
 
@@ -30,6 +32,14 @@ class ZooCLI(LightningCLI):
         parser.add_argument('--predict_output', type=str, default='predictions.csv',
                             help='predict: where the top-k classes of every input go (.csv or .json).')
         parser.add_argument('--top_k', type=int, default=5, help='predict: classes written per input.')
+
+    def before_instantiate_classes(self) -> None:
+        quiet_known_noise()
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = str(cfg.get('trainer', {}).get('accelerator') or 'auto')
+        if accelerator == 'cpu' or (accelerator == 'auto' and not torch.cuda.is_available()):
+            workers = (cfg.get('data') or {}).get('init_args', {}).get('num_workers')
+            set_cpu_threads(int(workers or 0))
 
     def before_predict(self) -> None:
         cfg = self.config[self.subcommand]

@@ -46,10 +46,12 @@ def unlabeled_photos(tmp_path_factory) -> tuple:
 
 def test_predict_images_with_shipped_weights_writes_top5_with_label_names(unlabeled_photos, tmp_path):
     folder, truth = unlabeled_photos
-    _zoo_train(tmp_path, '--model', 'lightning_modules.ImageClassifier',
+    res = _zoo_train(tmp_path, '--model', 'lightning_modules.ImageClassifier',
                '--model.init_args.model_name', 'resnet20_wsbcn.cifar10', '--model.init_args.pretrained', 'true',
                '--data', 'lightning_modules.Cifar10DataModule', '--data.init_args.predict', str(folder),
                '--data.init_args.num_workers', '0', '--predict_output', 'out/preds.csv')
+    assert 'Tip:' not in res.stdout + res.stderr  # Lightning's product tips are dropped
+    assert 'CPU threads:' in res.stdout + res.stderr
     with open(tmp_path / 'out' / 'preds.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert [Path(r['path']).name for r in rows] == sorted(truth)  # one row per input, in input order
