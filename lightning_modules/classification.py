@@ -4,6 +4,7 @@ import random
 from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.nn as nn
@@ -12,12 +13,22 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 import zoo
+from zoo.layers import set_bcn_batch_stage
 from .emulation import split_devices, virtual_devices
-from .finetune import freeze_backbone as _freeze_backbone, load_backbone_weights
+from .finetune import (
+    choose_bcn_batch_stage, describe_pretrained, freeze_backbone as _freeze_backbone, load_backbone_weights)
 from .metrics import accuracy_metrics
 from .optim import OptimConfig, create_optimizer, create_scheduler
 
 __all__ = ['ImageClassifier', 'NonFiniteLossError']
+
+
+def _images_per_device(datamodule) -> Optional[int]:
+    """Images (or clips) per device of a zoo DataModule, None if it does not say."""
+    value = getattr(datamodule, 'batch_size', None)
+    if value is None:
+        value = getattr(getattr(datamodule, 'hparams', None), 'batch_size', None)
+    return int(value) if value is not None else None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,6 +55,10 @@ class ImageClassifier(pl.LightningModule):
         optimizer .. decay_rate: see :class:`lightning_modules.optim.OptimConfig` (epochs may be
             fractional; the schedule is stepped per optimizer update).
         ema_decay: keep an EMA of the weights (timm ``ModelEmaV3``) and validate / test with it.
+        bcn_batch_stage: BCN's batch stage for this run: ``'estimated'``, ``'batch'``, or None (the
+            weights' own, except that a large-batch stage, as in the authors' BCN+WS ImageNet weights,
+            becomes ``'estimated'`` when a device trains on fewer than 16 images; see
+            :func:`lightning_modules.finetune.choose_bcn_batch_stage`). Any change is logged.
     """
 
     def __init__(
@@ -75,6 +90,7 @@ class ImageClassifier(pl.LightningModule):
             milestones: Sequence[float] = (30.0, 60.0, 90.0),
             decay_rate: float = 0.1,
             ema_decay: Optional[float] = None,
+            bcn_batch_stage: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +99,11 @@ class ImageClassifier(pl.LightningModule):
             betas=tuple(betas), schedule=schedule, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr,
             decay_epochs=decay_epochs, milestones=tuple(milestones), decay_rate=decay_rate)
         self.model = zoo.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        if pretrained:
+            rank_zero_info(describe_pretrained(self.model, num_classes))
+        self.bcn_batch_stage = bcn_batch_stage
+        if bcn_batch_stage is not None:
+            self._log_bcn_switch(choose_bcn_batch_stage(self.model, None, bcn_batch_stage))
         if init_checkpoint:
             load_backbone_weights(self.model, init_checkpoint)
         if freeze_backbone:
@@ -113,6 +134,16 @@ class ImageClassifier(pl.LightningModule):
         elif data_k is not None and data_k != self.virtual_devices:
             raise ValueError(f'model.virtual_devices={self.virtual_devices} but data.virtual_devices={data_k}; '
                              f'set it on the DataModule only')
+        if stage == 'fit' and self.bcn_batch_stage is None:
+            self._log_bcn_switch(choose_bcn_batch_stage(self.model, _images_per_device(self.trainer.datamodule)))
+
+    def _log_bcn_switch(self, message: Optional[str]) -> None:
+        if message is None:
+            return
+        if getattr(self, 'ema', None) is not None:  # the EMA copy normalizes as the model does
+            set_bcn_batch_stage(self.ema.module, next(
+                m.batch_stage for m in self.model.modules() if isinstance(m, zoo.BatchChannelNorm2d)))
+        rank_zero_info(message)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -28,11 +27,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .datasets import load_rgb
 
-__all__ = ['IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'list_inputs', 'UnlabeledImages', 'TopKWriter', 'label_names_of',
+__all__ = ['IMAGE_EXTENSIONS', 'list_inputs', 'UnlabeledImages', 'TopKWriter', 'label_names_of',
            'top_k_rows', 'predict_file']
 
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS)
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.mov', '.webm', '.m4v', '.mpg', '.mpeg')
 
 
 def _listed_paths(source: Path) -> List[Path]:
@@ -176,9 +174,9 @@ def predict_file(model: Union[str, nn.Module], path: Union[str, Path], top_k: in
         model = zoo.create_model(model, pretrained=True)
     model.eval()
     cfg = resolve_data_config(model=model)
+    from .video_data import VIDEO_EXTENSIONS, EvalViews, VideoClipDataset, VideoSample
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
-        from .video_data import EvalViews, VideoClipDataset, VideoSample
         views = EvalViews(cfg['input_size'][-1], num_crops=num_crops, mean=cfg['mean'], std=cfg['std'])
         dataset = VideoClipDataset([VideoSample(path, 0)], getattr(model, 'num_segments', 8), train=False,
                                    eval_views=views, num_clips=num_clips)

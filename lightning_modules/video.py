@@ -61,6 +61,7 @@ class VideoClassifier(ImageClassifier):
             milestones: Sequence[float] = (20.0, 40.0),
             decay_rate: float = 0.1,
             ema_decay: Optional[float] = None,
+            bcn_batch_stage: Optional[str] = None,
     ):
         super().__init__(
             model_name=model_name, num_classes=num_classes, pretrained=pretrained,
@@ -69,7 +70,7 @@ class VideoClassifier(ImageClassifier):
             label_smoothing=label_smoothing, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, betas=betas, schedule=schedule, warmup_epochs=warmup_epochs,
             warmup_lr=warmup_lr, min_lr=min_lr, decay_epochs=decay_epochs, milestones=milestones,
-            decay_rate=decay_rate, ema_decay=ema_decay)
+            decay_rate=decay_rate, ema_decay=ema_decay, bcn_batch_stage=bcn_batch_stage)
         self.num_segments = num_segments
         self.val_clip_metrics = accuracy_metrics(num_classes, 'val/clip_')
         self.test_clip_metrics = accuracy_metrics(num_classes, 'test/clip_')

@@ -26,9 +26,9 @@ Batches are dicts: ``video`` of shape (B, C, T, H, W) in training and (B, V, C, 
 evaluation (V = clips x crops views of a video), ``label`` (B,), ``skipped`` (how many items of
 this batch were dropped).
 """
+import bisect
 import csv
 import logging
-import warnings
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -42,7 +42,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .datamodules import resolve_path
-from .predict import VIDEO_EXTENSIONS, list_inputs
+from .predict import list_inputs
 
 __all__ = [
     'VIDEO_EXTENSIONS', 'VideoDecodeError', 'VideoSample', 'decode_video', 'video_num_frames', 'segment_indices',
@@ -78,8 +78,23 @@ def _allowed_missing_frames(declared: int) -> int:
     return max(2, declared // 20)
 
 
+def _frames_on_screen(frames: List[av.VideoFrame], start: float, end: float, rate: float) -> List[av.VideoFrame]:
+    """The frame on screen at each tick of the stream's nominal ``rate`` from ``start`` to ``end`` (seconds)."""
+    frames = sorted(frames, key=lambda f: f.time)
+    times = [f.time for f in frames]
+    ticks = max(1, round((end - start) * rate))
+    return [frames[max(0, bisect.bisect_right(times, start + (k + 0.5) / rate) - 1)] for k in range(ticks)]
+
+
 def decode_video(path: Union[str, Path]) -> List[av.VideoFrame]:
-    """Every frame of the first video stream, still in the codec's pixel format."""
+    """The frame on screen at every tick of the first video stream's frame rate, in the codec's pixel format.
+
+    Frames are placed by their timestamps: where a file stores a frame once and holds it (AVI
+    "repeat the previous frame" entries, as in Cinepak clips with long static stretches; other
+    variable-rate files), the held frame fills the ticks in between, so index-based sampling is
+    sampling by time. A file is truncated when its timestamps stop well before the length its
+    header declares, however few frames it really stores.
+    """
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(path, 'file not found')
@@ -96,13 +111,24 @@ def decode_video(path: Union[str, Path]) -> List[av.VideoFrame]:
             stream = container.streams.video[0]
             stream.thread_type = 'AUTO'
             declared = stream.frames
-            frames = list(container.decode(stream))
+            rate = stream.average_rate or stream.guessed_rate
+            frames, end = [], None
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.time_base is not None:
+                    packet_end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                    end = packet_end if end is None else max(end, packet_end)
+                frames.extend(packet.decode())
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f'{type(e).__name__}: {e}') from e
     if not frames:
         raise VideoDecodeError(path, 'zero frames decoded')
+    if rate and end is not None and all(f.time is not None for f in frames):
+        start = min(f.time for f in frames)
+        frames = _frames_on_screen(frames, start, max(end, max(f.time for f in frames)), float(rate))
     if declared and len(frames) < declared - _allowed_missing_frames(declared):
-        raise VideoDecodeError(path, f'truncated: decoded {len(frames)} of the {declared} frames its header declares')
+        when = f' (its timestamps stop at {end:.1f} s of {declared / float(rate):.1f} s)' if rate and end else ''
+        raise VideoDecodeError(
+            path, f'truncated: decoded {len(frames)} of the {declared} frames its header declares{when}')
     return frames
 
 
@@ -303,7 +329,8 @@ class VideoClipDataset(Dataset):
         except VideoDecodeError as e:
             if self.on_decode_error == 'raise':
                 raise
-            warnings.warn(f'Skipping undecodable video {e.path}: {e.reason}', stacklevel=2)
+            # Logged every time (a warning would be shown once per process), naming the file.
+            _logger.warning('Skipping undecodable video %s (counted in skipped_videos): %s', e.path, e.reason)
             return SkippedVideo(e.path, e.reason)
         video = self._train_clip(frames) if self.train else self._eval_views(frames)
         return video, label

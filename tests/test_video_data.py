@@ -1,9 +1,12 @@
 """Video data pipeline on the real clips of ../shared/data/videos: decoding, sampling, errors, DataModule."""
 import csv
+import fractions
+import logging
 import warnings
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +33,9 @@ def _codec_and_size(path):
 @pytest.mark.parametrize('row', _manifest_rows() if MANIFEST.is_file() else [], ids=lambda r: r['path'])
 def test_every_shared_clip_decodes_fully(row):
     frames = decode_video(VIDEOS / row['path'])
-    assert len(frames) == int(row['frames'])
+    assert len({id(f) for f in frames}) == int(row['frames'])  # every stored frame decoded
+    with av.open(str(VIDEOS / row['path']), metadata_errors='replace') as c:
+        assert len(frames) == c.streams.video[0].frames  # one frame on screen per tick the header declares
     rgb = frames[-1].to_ndarray(format='rgb24')
     assert rgb.shape == (int(row['height']), int(row['width']), 3) and rgb.std() > 0  # a real picture
 
@@ -131,7 +136,7 @@ def test_missing_and_non_video_files(tmp_path):
         decode_video(text)
 
 
-def test_undecodable_clip_raises_in_the_dataset_or_is_skipped_and_counted(tmp_path):
+def test_undecodable_clip_raises_in_the_dataset_or_is_skipped_and_counted(tmp_path, caplog):
     bad = _corrupt(tmp_path, 'TrumanShow_wave_f_nm_np1_fr_med_26.avi', 'half_zero_header')
     good = VIDEOS / 'TrumanShow_wave_f_nm_np1_fr_med_26.avi'
     samples = [VideoSample(good, 1), VideoSample(bad, 0), VideoSample(good, 2)]
@@ -139,8 +144,11 @@ def test_undecodable_clip_raises_in_the_dataset_or_is_skipped_and_counted(tmp_pa
     with pytest.raises(VideoDecodeError, match=bad.name):
         VideoClipDataset(samples, **kw)[1]
     ds = VideoClipDataset(samples, on_decode_error='skip', **kw)
-    with pytest.warns(UserWarning, match=f'Skipping undecodable video .*{bad.name}'):
-        items = [ds[i] for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger='lightning_modules.video_data'):
+        items = [ds[i] for i in range(3)] + [ds[1]]
+    skips = [r.getMessage() for r in caplog.records if 'Skipping undecodable video' in r.getMessage()]
+    assert len(skips) == 2 and all(str(bad) in m for m in skips)  # every skip, not once per process
+    items = items[:3]
     assert isinstance(items[1], SkippedVideo) and items[1].path == str(bad)
     batch = collate_videos(items)
     assert batch['video'].shape == (2, 3, 2, 32, 32) and batch['label'].tolist() == [1, 2]
@@ -179,3 +187,47 @@ def test_datamodule_batches_on_the_labelled_clips():
     assert val['video'].shape == (2, 1, 3, 4, 64, 64)
     # the two clips of a video come from different frames
     assert not torch.allclose(test['video'][0, 0], test['video'][0, 3])
+
+
+def _held_frames_avi(path: Path, ticks: int = 40, every: int = 4) -> Path:
+    """An AVI that stores every ``every``-th frame (and the last) and marks the rest "repeat previous frame".
+
+    Like OpenCV's sample ``tree.avi`` (Cinepak: 444 declared frames, 68 stored): the muxer writes
+    an empty chunk for each held tick, so the header declares ``ticks`` frames at 10 fps.
+    """
+    out = av.open(str(path), 'w')
+    stream = out.add_stream('mpeg4', rate=10)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+    for k in range(ticks):
+        if k % every == 0 or k == ticks - 1:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (k * 6) % 256, np.uint8), format='rgb24')
+            frame.pts = k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        else:
+            packet = av.Packet(b'')
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, k, k, fractions.Fraction(1, 10)
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+    return path
+
+
+def test_held_frames_are_placed_by_time_not_mistaken_for_truncation(tmp_path):
+    clip = _held_frames_avi(tmp_path / 'held.avi')
+    frames = decode_video(clip)
+    assert len(frames) == 40  # one per tick of the declared 4 s at 10 fps
+    times = [round(float(f.time), 1) for f in frames]
+    assert times[:9] == [0.0] * 4 + [0.4] * 4 + [0.8]  # each stored frame held until the next one
+    assert times[-1] == 3.9
+    # Sampling by index is sampling by time: the middle of segment 5 of 8 (t = 2.75 s) shows the 2.4 s frame.
+    assert round(float(frames[uniform_indices(len(frames), 8)[5]].time), 1) == 2.4
+
+
+def test_held_frames_clip_cut_in_half_is_still_truncated(tmp_path):
+    clip = _held_frames_avi(tmp_path / 'held.avi', ticks=200)
+    cut = tmp_path / 'cut.avi'
+    cut.write_bytes(clip.read_bytes()[:clip.stat().st_size // 2])
+    with pytest.raises(VideoDecodeError, match=r'truncated: decoded \d+ of the 200 frames .*timestamps stop at'):
+        decode_video(cut)
