@@ -23,8 +23,8 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-__all__ = ['OptimConfig', 'OPTIMIZERS', 'SCHEDULES', 'param_groups', 'param_ndims', 'unwrapped_name', 'create_optimizer',
-           'create_scheduler', 'head_parameters']
+__all__ = ['OptimConfig', 'OPTIMIZERS', 'SCHEDULES', 'param_groups', 'param_ndims', 'unwrapped_name',
+           'create_optimizer', 'create_scheduler', 'head_parameters']
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'step', 'multistep', 'constant')
@@ -109,15 +109,13 @@ def param_groups(
 
 
 def _ndim(name: str, p: torch.Tensor, ndims: Optional[Dict[str, int]]) -> int:
-    if ndims is not None:
-        if name not in ndims:
-            raise ValueError(f'Parameter {name!r} is not in the recorded shapes (param_ndims before wrapping): '
-                             f'with FSDP, use use_orig_params=True so that parameters keep their names')
+    if ndims is not None and name in ndims:
         return ndims[name]
     if getattr(p, '_fsdp_flattened', False):  # FSDP's mark on the parameters it flattened (torch's FSDP_FLATTENED)
         raise ValueError(
             f'Parameter {name!r} is an FSDP-flattened shard: its ndim says nothing about weight decay. Pass '
-            f'ndims=param_ndims(model) recorded before the model was wrapped.')
+            f'ndims=param_ndims(model) recorded before the model was wrapped (FSDP with use_orig_params=True, '
+            f'so that parameters keep their names).')
     return p.ndim
 
 
