@@ -18,6 +18,9 @@ checkpoints) and reported with a :class:`NonFiniteStatisticsWarning`.
   where the bad values entered (later layers see them through it and skip the same batch);
   :func:`skipped_updates` lists every layer's count.
 
+torch's own ``nn.BatchNorm2d`` (the BN variants, BCN's large-batch ``'batch'`` stage) is left as
+torch has it: a NaN batch still poisons its running statistics.
+
 Layers name themselves in warnings with their name in the model once :func:`name_stat_layers`
 ran on it (``zoo.create_model`` does this).
 """
