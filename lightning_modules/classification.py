@@ -18,7 +18,7 @@ from .emulation import split_devices, virtual_devices
 from .finetune import (
     choose_bcn_batch_stage, describe_pretrained, freeze_backbone as _freeze_backbone, load_backbone_weights)
 from .metrics import accuracy_metrics
-from .optim import OptimConfig, create_optimizer, create_scheduler
+from .optim import OptimConfig, create_optimizer, create_scheduler, param_ndims
 
 __all__ = ['ImageClassifier', 'NonFiniteLossError']
 
@@ -109,6 +109,7 @@ class ImageClassifier(pl.LightningModule):
         if freeze_backbone:
             _freeze_backbone(self.model)
         self.backbone_lr_scale = backbone_lr_scale
+        self.param_ndims = param_ndims(self.model)  # before a strategy (FSDP) flattens the parameters
         self.virtual_devices = virtual_devices
 
         mixing = mixup_alpha > 0 or cutmix_alpha > 0
@@ -207,6 +208,13 @@ class ImageClassifier(pl.LightningModule):
 
     def _eval_step(self, batch, metrics, prefix: str) -> None:
         x, y = batch[0], batch[1]
+        if len(batch) > 2:  # unreadable images dropped from this batch (skip_corrupt)
+            self.log(f'{prefix}skipped_images', batch[2].sum().float(), reduce_fx='sum', on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=1)
+        self.log(f'{prefix}images', float(len(y)), reduce_fx='sum', on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=1)
+        if len(y) == 0:
+            return
         logits = self._eval_model()(x)
         self.log(f'{prefix}loss', self.eval_loss(logits, y), sync_dist=True)
         metrics.update(logits, y)
@@ -224,7 +232,7 @@ class ImageClassifier(pl.LightningModule):
 
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = create_optimizer(self.model, self.optim_cfg, self.backbone_lr_scale)
+        optimizer = create_optimizer(self.model, self.optim_cfg, self.backbone_lr_scale, self.param_ndims)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         batches = self.trainer.num_training_batches
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) \

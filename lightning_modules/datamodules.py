@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from .datasets import ImageFolderDataset
+from .datasets import ImageFolderDataset, collate_skipping
 from .predict import IMAGE_EXTENSIONS, UnlabeledImages, list_inputs
 from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler
 
@@ -104,7 +104,9 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         eval_batch_size: batch of validation / test loaders (eval does not depend on the batch).
         num_workers: loader worker processes.
         seed: shuffling and augmentation seed; None takes ``seed_everything``'s (``PL_GLOBAL_SEED``).
-        skip_corrupt: skip (and count) unreadable images instead of stopping with an error.
+        skip_corrupt: skip (and count) unreadable images instead of stopping with an error, in every
+            split: training replaces them by the next readable image, evaluation drops them
+            (``{val,test}/skipped_images`` and ``{val,test}/images`` say how many were scored).
         predict: unlabeled images for ``zoo-train predict``: a folder, a list file or a CSV with a
             ``path`` column (see :func:`lightning_modules.predict.list_inputs`); eval transform.
     """
@@ -171,8 +173,14 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
             self.train_set, batch_size=self.batch_size * self.virtual_devices, sampler=self.train_sampler(),
             drop_last=True, **self._loader_kwargs())
 
+    def eval_dataset(self, folder: Path, transform, per_class: Optional[int] = None) -> ImageFolderDataset:
+        """A validation / test split; with ``skip_corrupt``, unreadable images are dropped and counted, not replaced."""
+        return ImageFolderDataset(folder, transform, self.skip_corrupt, per_class=per_class, replace_corrupt=False)
+
     def _eval_loader(self, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        collate = collate_skipping if getattr(dataset, 'skip_corrupt', False) else None
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
@@ -226,9 +234,9 @@ class ImageFolderDataModule(ImageDataModule):
         if stage == 'fit':
             train = ImageFolderDataset(root / self.train_dir, self.train_transform, self.skip_corrupt,
                                        per_class=self.train_per_class)
-        val = ImageFolderDataset(root / self.val_dir, self.eval_transform, per_class=self.val_per_class)
-        test = val if self.test_dir == self.val_dir else ImageFolderDataset(
-            root / self.test_dir, self.eval_transform, per_class=self.val_per_class)
+        val = self.eval_dataset(root / self.val_dir, self.eval_transform, self.val_per_class)
+        test = val if self.test_dir == self.val_dir else self.eval_dataset(
+            root / self.test_dir, self.eval_transform, self.val_per_class)
         return train, val, test
 
 
@@ -277,5 +285,5 @@ class Cifar10DataModule(ImageDataModule):
         if stage == 'fit':
             train = ImageFolderDataset(root / 'train', self.train_transform, self.skip_corrupt,
                                        per_class=self.train_per_class)
-        test = ImageFolderDataset(root / 'test', self.eval_transform, per_class=self.test_per_class)
+        test = self.eval_dataset(root / 'test', self.eval_transform, self.test_per_class)
         return train, test, test

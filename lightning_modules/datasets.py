@@ -4,9 +4,14 @@
 list) with two additions a long run needs:
 
 - A corrupt or unreadable image raises :class:`CorruptImageError` naming the file, or, with
-  ``skip_corrupt=True``, is replaced by the next readable image, logged with its path and
-  counted: items are then ``(image, target, skipped)`` and the Lightning module sums
-  ``skipped`` into the ``train/skipped_images`` metric. Nothing is dropped silently.
+  ``skip_corrupt=True``, is skipped, logged with its path and counted. Nothing is dropped silently:
+  - training (``replace_corrupt=True``): the next readable image takes its place, so batches keep
+    their size; items are ``(image, target, skipped)`` and the Lightning module sums ``skipped``
+    into the ``train/skipped_images`` metric.
+  - evaluation (``replace_corrupt=False``): the item is a :class:`SkippedImage`, which
+    :func:`collate_skipping` drops from its batch and counts, so no image is scored twice or in
+    another's place; batches are ``(images, targets, skipped)`` and the Lightning module logs
+    ``{val,test}/skipped_images`` next to ``{val,test}/images``, the number of images scored.
 - Keys ``(index, epoch)`` (from :class:`~lightning_modules.samplers.VirtualDeviceSampler`) seed
   the augmentation of that image for that epoch, without touching the process's own RNG: random
   crops and flips are then identical in a resumed run, with any number of workers.
@@ -14,14 +19,15 @@ list) with two additions a long run needs:
 import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
-__all__ = ['CorruptImageError', 'ImageFolderDataset', 'load_rgb']
+__all__ = ['CorruptImageError', 'ImageFolderDataset', 'SkippedImage', 'collate_skipping', 'load_rgb']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +48,25 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
         raise CorruptImageError(f'Cannot read image {path}: {type(e).__name__}: {e}') from e
 
 
+class SkippedImage(NamedTuple):
+    """Stands for an unreadable evaluation image (``replace_corrupt=False``); :func:`collate_skipping` drops it."""
+    path: str
+    reason: str
+
+
+def collate_skipping(items: Sequence) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images, targets, skipped)``: the readable items collated, the :class:`SkippedImage` ones counted.
+
+    A batch of unreadable images only gives empty ``images`` and ``targets``.
+    """
+    kept = [it for it in items if not isinstance(it, SkippedImage)]
+    skipped = torch.tensor(len(items) - len(kept))
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = default_collate(kept)
+    return images, targets, skipped
+
+
 def sample_seed(base_seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([base_seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -56,12 +81,14 @@ class ImageFolderDataset(ImageFolder):
             skip_corrupt: bool = False,
             seed: int = 0,
             per_class: Optional[int] = None,
+            replace_corrupt: bool = True,
     ):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f'Image folder {root} does not exist')
         super().__init__(str(root), transform=transform, loader=load_rgb)
         self.skip_corrupt = skip_corrupt
+        self.replace_corrupt = replace_corrupt
         self.seed = seed
         if per_class is not None:
             self.keep_per_class(per_class)
@@ -102,8 +129,10 @@ class ImageFolderDataset(ImageFolder):
             except CorruptImageError as e:
                 if not self.skip_corrupt:
                     raise
+                _logger.warning('Skipping unreadable image (counted in the skipped_images metric): %s', e)
+                if not self.replace_corrupt:
+                    return SkippedImage(str(path), str(e))
                 skipped += 1
-                _logger.warning('Skipping unreadable image (counted in train/skipped_images): %s', e)
                 if skipped >= min(MAX_CONSECUTIVE_SKIPS, len(self.samples)):
                     raise CorruptImageError(f'{skipped} consecutive unreadable images up to {path}; '
                                             f'is {self.root} intact?') from e
@@ -112,6 +141,6 @@ class ImageFolderDataset(ImageFolder):
         img = self._transform(img, seed)
         if self.target_transform is not None:
             target = self.target_transform(target)
-        if self.skip_corrupt:
+        if self.skip_corrupt and self.replace_corrupt:
             return img, target, skipped
         return img, target

@@ -6,10 +6,15 @@ same curve. Parameter groups:
 
 - no weight decay on norm weights and biases (every parameter with ``ndim <= 1``: BN / GN / BCN
   affines, conv and linear biases) nor on names in ``model.no_weight_decay()``;
+- under FSDP every parameter is a flat 1-D shard by the time the optimizer is built, so the ``ndim``
+  rule needs the shapes from before wrapping: :func:`param_ndims` records them (the Lightning
+  modules do so when they build their model) and :func:`param_groups` takes the record, matching
+  names without FSDP's / activation checkpointing's / ``torch.compile``'s wrapper prefixes;
 - an ``lr_scale`` per group (timm's schedulers multiply the scheduled lr by it), used to give a
   fine-tuned backbone a lower learning rate than its new head;
 - parameters with ``requires_grad=False`` (a frozen backbone) are left out.
 """
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,7 +23,8 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-__all__ = ['OptimConfig', 'OPTIMIZERS', 'SCHEDULES', 'param_groups', 'create_optimizer', 'create_scheduler', 'head_parameters']
+__all__ = ['OptimConfig', 'OPTIMIZERS', 'SCHEDULES', 'param_groups', 'param_ndims', 'unwrapped_name',
+           'create_optimizer', 'create_scheduler', 'head_parameters']
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'step', 'multistep', 'constant')
@@ -57,15 +63,38 @@ def head_parameters(model: nn.Module) -> List[nn.Parameter]:
     return list(head.parameters()) if isinstance(head, nn.Module) else []
 
 
-def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> List[Dict[str, Any]]:
-    """Groups by (head or backbone) x (decayed or not); trainable parameters only."""
+# Module names that wrappers insert into parameter names: FSDP, activation checkpointing, torch.compile.
+_WRAPPER_PREFIXES = re.compile(r'(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.')
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name as it was before FSDP / checkpointing / compile wrapped its modules."""
+    return _WRAPPER_PREFIXES.sub(r'\1', name)
+
+
+def param_ndims(model: nn.Module) -> Dict[str, int]:
+    """``{parameter name: ndim}`` of an unwrapped model; record it before FSDP flattens the parameters."""
+    return {unwrapped_name(name): p.ndim for name, p in model.named_parameters()}
+
+
+def param_groups(
+        model: nn.Module,
+        weight_decay: float,
+        backbone_lr_scale: float = 1.0,
+        ndims: Optional[Dict[str, int]] = None,
+) -> List[Dict[str, Any]]:
+    """Groups by (head or backbone) x (decayed or not); trainable parameters only.
+
+    ``ndims``: :func:`param_ndims` of the model before it was wrapped (needed under FSDP).
+    """
     no_decay_names = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
     head_ids = {id(p) for p in head_parameters(model)}
     groups: Dict[tuple, Dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith('.bias') or name in no_decay_names)
+        name = unwrapped_name(name)
+        decay = not (_ndim(name, p, ndims) <= 1 or name.endswith('.bias') or name in no_decay_names)
         is_head = id(p) in head_ids
         key = (is_head, decay)
         if key not in groups:
@@ -79,8 +108,25 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
     return list(groups.values())
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig, backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, backbone_lr_scale)
+def _ndim(name: str, p: torch.Tensor, ndims: Optional[Dict[str, int]]) -> int:
+    if ndims is not None and name in ndims:
+        return ndims[name]
+    if getattr(p, '_fsdp_flattened', False):  # FSDP's mark on the parameters it flattened (torch's FSDP_FLATTENED)
+        raise ValueError(
+            f'Parameter {name!r} is an FSDP-flattened shard: its ndim says nothing about weight decay. Pass '
+            f'ndims=param_ndims(model) recorded before the model was wrapped (FSDP with use_orig_params=True, '
+            f'so that parameters keep their names).')
+    return p.ndim
+
+
+def create_optimizer(
+        model: nn.Module,
+        cfg: OptimConfig,
+        backbone_lr_scale: float = 1.0,
+        ndims: Optional[Dict[str, int]] = None,
+) -> torch.optim.Optimizer:
+    """SGD or AdamW over :func:`param_groups` (``ndims``: see there)."""
+    groups = param_groups(model, cfg.weight_decay, backbone_lr_scale, ndims)
     if cfg.optimizer == 'sgd':
         return create_optimizer_v2(groups, opt='sgd', lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return create_optimizer_v2(groups, opt='adamw', lr=cfg.lr, betas=tuple(cfg.betas))

@@ -1,5 +1,6 @@
 """Data: per-device sampling, resumable order, seeded augmentation, bad images, the CIFAR-10 archive."""
 import hashlib
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_modules import CorruptImageError, ImageFolderDataModule, ImageFolderDataset, VirtualDeviceSampler
-from lightning_modules.datamodules import prepare_cifar10
+from lightning_modules.datamodules import Cifar10DataModule, prepare_cifar10
+from lightning_modules.datasets import SkippedImage, collate_skipping
 
 
 def make_image_folder(root: Path, classes=('a', 'b', 'c'), per_class: int = 8, size: int = 16, seed: int = 0) -> Path:
@@ -111,6 +113,28 @@ def test_skip_corrupt_replaces_and_counts(tmp_path, caplog):
     assert all(len(b) == 3 and b[0].shape[0] == 2 for b in batches)  # batch size kept
     assert sum(int(b[2].sum()) for b in batches) == 1  # counted once
     assert '001.jpg' in caplog.text
+
+
+def test_skip_corrupt_covers_eval_splits_by_dropping_and_counting(tmp_path):
+    """Eval drops an unreadable image (never scores another in its place) and counts it."""
+    root = make_image_folder(tmp_path, per_class=2)
+    (root / 'val' / 'b' / '000.jpg').write_bytes(b'')
+    shutil.copytree(root / 'val', root / 'test')  # Cifar10DataModule's layout
+    dm = ImageFolderDataModule(str(root), input_size=16, eval_batch_size=4, num_workers=0, skip_corrupt=True)
+    dm.setup('validate')
+    batches = list(dm.val_dataloader())
+    assert [len(b[1]) for b in batches] == [3, 2] and [int(b[2]) for b in batches] == [1, 0]  # dropped from its batch
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0, 0, 1, 2, 2]  # class b lost its 000.jpg
+    dm = Cifar10DataModule(data_path=str(root), sha256=None, eval_batch_size=8, num_workers=0, skip_corrupt=True)
+    dm.setup('test')
+    x, y, skipped = next(iter(dm.test_dataloader()))
+    assert x.shape[0] == len(y) == 5 and int(skipped) == 1
+    images, targets, skipped = collate_skipping([SkippedImage('a.jpg', 'truncated')])  # a batch of bad images only
+    assert images.numel() == targets.numel() == 0 and int(skipped) == 1
+    dm = ImageFolderDataModule(str(root), input_size=16, num_workers=0)
+    dm.setup('validate')
+    with pytest.raises(CorruptImageError, match='000.jpg'):  # without skip_corrupt: an error naming the file
+        list(dm.val_dataloader())
 
 
 def _tar_of(folder: Path, out: Path) -> Path:

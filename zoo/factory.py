@@ -4,6 +4,7 @@ import difflib
 import timm
 from timm.models import is_model, split_model_name_tag
 
+from .layers import name_stat_layers
 from .models import ZOO_MODELS
 
 __all__ = ['UnknownModelError', 'create_model', 'list_models']
@@ -21,7 +22,14 @@ def list_models(filter: str = '', pretrained: bool = False) -> list:
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs):
-    """Create any zoo or timm model; an unknown name raises :class:`UnknownModelError`."""
+    """Create any zoo or timm model; an unknown name raises :class:`UnknownModelError`.
+
+    Norm layers with running statistics get their names, for their warnings (see
+    :func:`zoo.layers.name_stat_layers`).
+    """
+    if not isinstance(model_name, str):
+        raise TypeError(f'model_name must be a model name (str), e.g. {ZOO_MODELS[0]!r}, got {model_name!r} '
+                        f'({type(model_name).__name__}); see zoo.list_models()')
     if not model_name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
         arch, _ = split_model_name_tag(model_name)
         if not is_model(arch):
@@ -29,4 +37,4 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs):
             hint = f' Close matches: {", ".join(close)}.' if close else ''
             raise UnknownModelError(
                 f'Unknown model {model_name!r}.{hint} See zoo.list_models() or timm.list_models() for all names.')
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    return name_stat_layers(timm.create_model(model_name, pretrained=pretrained, **kwargs))

@@ -154,10 +154,15 @@ def _per_sample_channel_sums(t: torch.Tensor, x: torch.Tensor):
     return t.sum((2, 3)), (t * x).sum((2, 3))
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` that is False (not an error) for devices without autocast, e.g. ``meta``."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _affine_per_sample_channel(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` with (N, C) coefficients, in one pass where possible; a new tensor like ``x``."""
     n, c = scale.shape
-    if x.is_contiguous() and x.dtype == scale.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.is_contiguous() and x.dtype == scale.dtype and not _autocast_enabled(x.device.type):
         # On (1, N*C, H*W) views with zero mean, unit variance and eps 0, batch_norm's eval kernel
         # computes exactly x * scale + shift in one fused pass (faster than broadcasting mul / add).
         # It writes through a view into ``out``, so the result is no view (in-place ops may follow).

@@ -8,6 +8,9 @@ Inference (the paper leaves it open; the zoo's choice): like BN, training update
 statistics per group (momentum ``momentum``, unbiased variance) and eval normalizes with them,
 so an image's prediction never depends on the other images in its batch and batch-1 inference
 is deterministic. Set ``track_running_stats=False`` to use batch statistics in eval too.
+A running-statistics update that is not finite (NaN or inf in the batch) is skipped, counted in
+``num_skipped_updates`` and warned about (:mod:`zoo.layers.nonfinite_stats`), so eval outputs
+stay finite. The training output of that batch is NaN regardless: its batch statistics are.
 
 ``num_groups`` must divide ``num_channels``: groups are then whole channels (the flattened
 split coincides with a channel split), so a group means the same thing at every resolution.
@@ -15,6 +18,8 @@ split coincides with a channel split), so a group means the same thing at every 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .nonfinite_stats import keep_finite_update, register_skip_counter
 
 __all__ = ['BatchGroupNorm2d']
 
@@ -47,6 +52,7 @@ class BatchGroupNorm2d(nn.Module):
             self.register_buffer('running_mean', torch.zeros(num_groups, device=device))
             self.register_buffer('running_var', torch.ones(num_groups, device=device))
             self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
+            register_skip_counter(self, device)
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
@@ -65,15 +71,22 @@ class BatchGroupNorm2d(nn.Module):
                 return (x * scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
             stats = scale.new_zeros(self.num_channels), scale.new_ones(self.num_channels)
             return F.batch_norm(x, *stats, scale, shift, False, 0., 0.)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
         # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
         grouped = x.reshape(x.shape[0], self.num_groups, -1)
-        y = F.batch_norm(
-            grouped, self.running_mean, self.running_var, None, None,
-            training=True, momentum=self.momentum, eps=self.eps)
+        tracking = self.training and self.track_running_stats
+        # batch_norm updates copies (autograd may keep them for backward); the buffers take them if finite.
+        running = (self.running_mean.clone(), self.running_var.clone()) if tracking else (None, None)
+        y = F.batch_norm(grouped, *running, None, None, training=True, momentum=self.momentum, eps=self.eps)
+        if tracking:
+            self._keep_finite_running_stats(*running)
         weight, bias = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
         return (y.view_as(x) * weight).add_(bias)  # in-place add: one temporary less
+
+    @torch.no_grad()
+    def _keep_finite_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        keep_finite_update(self, finite, ((self.running_mean, mean), (self.running_var, var)))
+        self.num_batches_tracked.add_(finite.long())
 
     def affine_coefficients(self):
         """``(scale, shift)`` per channel: the eval-mode layer is ``x * scale + shift``."""

@@ -16,6 +16,10 @@ the fixed ``momentum``. The first update (t = 0, r = 1) has no previous estimate
 it takes the batch variance around the batch mean. Estimates are updated before they normalize
 the batch that produced them.
 
+An update whose statistics are not finite (a NaN or inf in the batch) is skipped, counted in the
+non-persistent ``num_skipped_updates`` buffer and warned about (:mod:`zoo.layers.nonfinite_stats`),
+so one bad sample cannot poison the estimates, and with them every later output.
+
 Under ``torch.distributed`` the per-channel sums are all-reduced inside the layer (one
 all-reduce per update), so every process sees the statistics of the global batch and the
 estimates stay identical on every rank; DDP's buffer broadcast then changes nothing. This class
@@ -28,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .nonfinite_stats import keep_finite_update, register_skip_counter
 
 __all__ = ['EstimatedBatchNorm2d', 'sample_channel_moments']
 
@@ -99,6 +105,7 @@ class EstimatedBatchNorm2d(nn.Module):
         self.register_buffer('running_mean', torch.zeros(num_features, device=device))
         self.register_buffer('running_var', torch.ones(num_features, device=device))
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
+        register_skip_counter(self, device)
 
     def extra_repr(self) -> str:
         return f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}'
@@ -133,9 +140,14 @@ class EstimatedBatchNorm2d(nn.Module):
         first = self.num_batches_tracked == 0
         var_b = torch.where(first, var_around_prev - shift.square(), var_around_prev).clamp_(min=0.)
         rate = (1. / (self.num_batches_tracked + 1).float()).clamp(min=self.momentum)
-        self.running_mean.add_(rate * shift)
-        self.running_var.add_(rate * (var_b - self.running_var))
-        self.num_batches_tracked.add_(1)
+        # A NaN / inf anywhere in the (all-reduced, so on every rank the same) statistics skips the
+        # whole update; an empty batch changes nothing either. Decided on device (see nonfinite_stats).
+        finite = torch.isfinite(stats).all()
+        apply = finite & (n > 0)
+        keep_finite_update(self, finite, (
+            (self.running_mean, self.running_mean + rate * shift),
+            (self.running_var, self.running_var + rate * (var_b - self.running_var))), apply)
+        self.num_batches_tracked.add_(apply.long())
 
     def affine_coefficients(self):
         """``(scale, shift)`` per channel: the layer is ``x * scale + shift`` with the current estimates.

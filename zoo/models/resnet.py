@@ -33,7 +33,7 @@ from zoo.converters import convert_bcn_ws, convert_gn_ws
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from ._weights import WeightSpec, build_zoo_model, register_weight_spec
 
-__all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch']
+__all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values']
 
 
 def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> None:
@@ -41,10 +41,24 @@ def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> None:
     if x.ndim != 4:
         hint = ' (a single image? add the batch dimension with x.unsqueeze(0))' if x.ndim == 3 else ''
         raise ValueError(f'{model_name} expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}{hint}')
+    check_batch_values(model_name, x, 'image batch')
     if x.shape[1] != in_chans:
         raise ValueError(
             f'{model_name} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); '
             f'create the model with in_chans={x.shape[1]} to change its stem')
+
+
+def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
+    """A floating-point batch of at least one sample (shape and dtype only: no look at the values)."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f'{model_name} expects a floating-point {kind}, got dtype {x.dtype} (shape {tuple(x.shape)}): convert '
+            f'and normalize it first, e.g. (x.float() / 255 - mean) / std with the mean and std of '
+            f'model.pretrained_cfg, or timm.data.create_transform(**timm.data.resolve_data_config(model=model))')
+    if x.shape[0] == 0:
+        raise ValueError(
+            f'{model_name} got an empty {kind} (shape {tuple(x.shape)}): there is nothing to compute; '
+            f'skip empty batches before calling the model')
 
 
 class ZooResNet(ResNet):

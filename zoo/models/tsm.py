@@ -36,7 +36,7 @@ from timm.models.resnet import ResNet
 from zoo.layers.temporal_shift import add_temporal_shift
 from ._variants import BN_VARIANT, NORM_VARIANTS, register_zoo_entrypoint
 from ._weights import build_zoo_model
-from .resnet import IMAGENET_ARCHS, ZooResNet
+from .resnet import IMAGENET_ARCHS, ZooResNet, check_batch_values
 
 __all__ = ['TSMResNet', 'TSM_ARCHS', 'TSM_VARIANTS', 'ZOO_TSM_MODELS', 'check_video_batch']
 
@@ -53,6 +53,7 @@ def check_video_batch(model_name: str, x: torch.Tensor, in_chans: int, num_segme
             hint = (' (an image batch, or a single clip without its batch dimension? '
                     'add it with x.unsqueeze(0))')
         raise ValueError(f'{model_name} expects a 5-D (B, C, T, H, W) clip batch, got shape {shape}{hint}')
+    check_batch_values(model_name, x, 'clip batch')
     if x.shape[1] != in_chans:
         hint = ''
         if x.shape[2] == in_chans:
