@@ -9,5 +9,6 @@ from .factory import UnknownModelError, create_model, list_models
 from .hub import WeightsError, load_hub_model, load_lightning_checkpoint, load_model, save_hub_folder
 from .layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, set_bcn_batch_stage
 from .models import ZOO_MODELS
+from .segmentation import create_segmenter, list_segmenters
 
 __version__ = '0.1.0'
