@@ -29,7 +29,7 @@ TINY = ['--data.init_args.crop_size', '64', '--data.init_args.base_size', '64', 
 @needs_coco_mini
 def test_cli_fit_reports_miou_checkpoint_round_trip_and_predict(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the config writes under runs/
-    cli = build_cli(['fit', '-c', str(CPU_CONFIG), '--trainer.max_steps', '3', '--trainer.check_val_every_n_epoch', '1',
+    cli = build_cli(['fit', '-c', str(CPU_CONFIG), '--trainer.max_steps', '3', '--trainer.val_check_interval', '2',
                      '--trainer.log_every_n_steps', '1',
                      *TINY])
     out = capsys.readouterr().out
