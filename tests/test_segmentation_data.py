@@ -149,3 +149,26 @@ def test_colorize_keeps_indices_and_overlay_draws():
     drawn = overlay(base, labels, alpha=1.0)
     assert drawn.shape == base.shape and not torch.equal(drawn[:, 6, 6], drawn[:, 15, 15])
     assert torch.equal(drawn[:, 0, 0], base[:, 0, 0])  # ignored pixels are not painted
+
+
+def test_datamodule_resumes_mid_epoch_with_the_same_crops(tmp_path):
+    """Skipping the first 2 batches of an epoch (a resume) gives exactly the uninterrupted run's remaining batches."""
+    from lightning_modules.segmentation import SegmentationDataModule
+    for i in range(8):
+        _write_pair(tmp_path, f'{i:02d}', h=40 + 4 * i, w=50)
+    kw = dict(root=str(tmp_path), num_classes=8, train_images='img', train_masks='mask', val_images='img',
+              val_masks='mask', image_suffix='.png', crop_size=32, base_size=40, batch_size=2, virtual_devices=2,
+              num_workers=0, seed=3)
+    dm = SegmentationDataModule(**kw)
+    dm.setup('fit')
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    full = list(loader)
+    assert len(full) == 2 and full[0]['image'].shape == (4, 3, 32, 32)
+    resumed = SegmentationDataModule(**kw)
+    resumed.setup('fit')
+    loader = resumed.train_dataloader()
+    loader.load_state_dict({'epoch': 1, 'batches_done': 1})
+    rest = list(loader)
+    assert len(rest) == 1
+    assert torch.equal(rest[0]['image'], full[1]['image']) and torch.equal(rest[0]['mask'], full[1]['mask'])
