@@ -10,4 +10,4 @@ from .datasets import CorruptImageError, ImageFolderDataset
 from .emulation import VirtualDeviceNorm, virtual_devices
 from .metrics import accuracy_metrics
 from .optim import OptimConfig, create_optimizer, create_scheduler, param_groups
-from .samplers import ResumableDataLoader, VirtualDeviceSampler
+from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler

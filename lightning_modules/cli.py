@@ -3,6 +3,8 @@
     zoo-train fit -c configs/cifar10/resnet20_wsbcn.yaml
     zoo-train fit -c configs/cifar10/resnet20_wsbcn.yaml --ckpt_path last     # resume
     zoo-train fit -c configs/cifar10/resnet20_wsbcn.yaml --print_config
+    zoo-train predict -c configs/cifar10/resnet20_wsbcn.yaml --ckpt_path last \
+        --data.init_args.predict photos/ --predict_output predictions.csv   # top-5 per image
 
 Model and data are chosen by ``class_path`` in the config (any LightningModule /
 LightningDataModule, e.g. ``lightning_modules.ImageClassifier`` and
@@ -13,9 +15,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
+from .predict import TopKWriter
+from .runtime import quiet_known_noise, set_cpu_threads
 
 __all__ = ['ZooCLI', 'build_cli', 'main']
 
@@ -24,6 +29,21 @@ class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument('--test_after_fit', type=bool, default=False,
                             help='After fit, evaluate the final weights on the test set and print top-1.')
+        parser.add_argument('--predict_output', type=str, default='predictions.csv',
+                            help='predict: where the top-k classes of every input go (.csv or .json).')
+        parser.add_argument('--top_k', type=int, default=5, help='predict: classes written per input.')
+
+    def before_instantiate_classes(self) -> None:
+        quiet_known_noise()
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = str(cfg.get('trainer', {}).get('accelerator') or 'auto')
+        if accelerator == 'cpu' or (accelerator == 'auto' and not torch.cuda.is_available()):
+            workers = (cfg.get('data') or {}).get('init_args', {}).get('num_workers')
+            set_cpu_threads(int(workers or 0))
+
+    def before_predict(self) -> None:
+        cfg = self.config[self.subcommand]
+        self.trainer.callbacks.append(TopKWriter(cfg.get('predict_output'), cfg.get('top_k')))
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from .datasets import ImageFolderDataset
-from .samplers import ResumableDataLoader, VirtualDeviceSampler
+from .predict import IMAGE_EXTENSIONS, UnlabeledImages, list_inputs
+from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler
 
 __all__ = ['ImageDataModule', 'ImageFolderDataModule', 'Cifar10DataModule', 'prepare_cifar10', 'REPO_ROOT',
            'CIFAR10_JPEG_SHA256', 'resolve_path']
@@ -94,7 +95,7 @@ def prepare_cifar10(source: Union[str, Path, None] = None, cache_dir: Union[str,
     return target
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
     """Shared loaders: per-device batches, device emulation, resumable training order.
 
     Args:
@@ -104,6 +105,8 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: loader worker processes.
         seed: shuffling and augmentation seed; None takes ``seed_everything``'s (``PL_GLOBAL_SEED``).
         skip_corrupt: skip (and count) unreadable images instead of stopping with an error.
+        predict: unlabeled images for ``zoo-train predict``: a folder, a list file or a CSV with a
+            ``path`` column (see :func:`lightning_modules.predict.list_inputs`); eval transform.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class ImageDataModule(pl.LightningDataModule):
             seed: Optional[int] = None,
             skip_corrupt: bool = False,
             pin_memory: bool = False,
+            predict: Optional[str] = None,
     ):
         super().__init__()
         if batch_size < 1 or virtual_devices < 1:
@@ -126,13 +130,20 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.skip_corrupt = skip_corrupt
         self.pin_memory = pin_memory
-        self.train_set = self.val_set = self.test_set = None
+        self.predict = predict
+        self.train_set = self.val_set = self.test_set = self.predict_set = None
 
     # Subclasses build the datasets.
     def build_datasets(self, stage: str) -> Tuple[Optional[ImageFolderDataset], ImageFolderDataset, ImageFolderDataset]:
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
+        if stage == 'predict':
+            if self.predict is None:
+                raise ValueError('zoo-train predict needs the inputs: --data.init_args.predict <folder, list or CSV>')
+            self.predict_set = UnlabeledImages(list_inputs(resolve_path(self.predict), IMAGE_EXTENSIONS),
+                                               self.eval_transform)
+            return
         self.train_set, self.val_set, self.test_set = self.build_datasets(stage)
         if self.train_set is not None:
             self.train_set.seed = self.resolved_seed()
@@ -147,29 +158,18 @@ class ImageDataModule(pl.LightningDataModule):
     def train_sampler(self) -> VirtualDeviceSampler:
         world, rank = self._world()
         k = self.virtual_devices
-        return VirtualDeviceSampler(
+        return self.resume_sampler(VirtualDeviceSampler(
             self.train_set, self.batch_size, num_replicas=world * k, ranks=[rank * k + i for i in range(k)],
-            shuffle=True, seed=self.resolved_seed())
-
-    def _train_position(self) -> Tuple[int, int]:
-        trainer = self.trainer
-        epoch = trainer.current_epoch
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:
-            return epoch + 1, 0
-        return epoch, done
+            shuffle=True, seed=self.resolved_seed()))
 
     def _loader_kwargs(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                     persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        loader = ResumableDataLoader(
+        return TrainDataLoader(
             self.train_set, batch_size=self.batch_size * self.virtual_devices, sampler=self.train_sampler(),
             drop_last=True, **self._loader_kwargs())
-        if self.trainer is not None:
-            loader.position_fn = self._train_position
-        return loader
 
     def _eval_loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
@@ -179,6 +179,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_set)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -233,7 +236,7 @@ class Cifar10DataModule(ImageDataModule):
     """CIFAR-10 from the shared ``cifar10-jpeg.tar.gz`` (checked, extracted once) or an ImageFolder root.
 
     Training: the standard CIFAR recipe, random 32x32 crop of the image padded by ``padding``
-    pixels + horizontal flip. Eval: none. CIFAR-10 has no separate validation split: the
+    pixels + horizontal flip. Eval: resize + centre crop to 32 (nothing on CIFAR's own images). CIFAR-10 has no separate validation split: the
     validation loader is the test split, as in most CIFAR papers (say so when you report).
 
     Args:
@@ -260,7 +263,9 @@ class Cifar10DataModule(ImageDataModule):
         self.train_per_class, self.test_per_class = train_per_class, test_per_class
         normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
         self.train_transform = T.Compose([T.RandomCrop(32, padding=padding), T.RandomHorizontalFlip(hflip)] + normalize)
-        self.eval_transform = T.Compose(normalize)
+        # Eval at the training size: images of another size (an ImageFolder root of 64x64 images,
+        # photos to predict) are resized and centre-cropped to 32 (a no-op on CIFAR's own images).
+        self.eval_transform = T.Compose([T.Resize(32), T.CenterCrop(32)] + normalize)
         self.root: Optional[Path] = None
 
     def prepare_data(self) -> None:

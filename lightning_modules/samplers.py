@@ -12,14 +12,14 @@ It yields ``(index, epoch)`` keys, so a dataset can seed its augmentation from t
 seed, the epoch and the image, whatever the worker layout or a restart.
 
 For resume, :meth:`skip_to` makes the next iteration of a given epoch start after the batches
-already trained on; :class:`ResumableDataLoader` exposes that position to Lightning's checkpoints.
+already trained on; :class:`ResumableTrainOrder` keeps that position in Lightning's checkpoints.
 """
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ['VirtualDeviceSampler', 'ResumableDataLoader']
+__all__ = ['VirtualDeviceSampler', 'ResumableTrainOrder', 'TrainDataLoader']
 
 
 class VirtualDeviceSampler(DistributedSampler):
@@ -80,23 +80,67 @@ class VirtualDeviceSampler(DistributedSampler):
         return self.batches_per_epoch * self.batch_size * len(self.ranks)
 
 
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose ``state_dict`` is the training position (epoch, batches done).
+class ResumableTrainOrder:
+    """DataModule mixin: the training position travels in checkpoints, and a resumed run's first
+    training batch is the one after the last batch trained on.
 
-    The position comes from ``position_fn`` (the trainer's progress counters), not from the
-    iterator, which Lightning prefetches ahead of the batch being trained on. Lightning saves it
-    in checkpoints and, on resume, loads it before iterating, so the sampler skips exactly the
-    batches already trained on (without loading them).
+    The position (epoch, batches done) comes from the trainer's progress counters, not from the
+    loader's iterator, which runs ahead of the batch being trained on. It is saved as DataModule
+    state, not as the loader's: Lightning builds and starts iterating the training loader before it
+    restores loop states whenever ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``
+    (every step-based schedule does), so a loader's ``load_state_dict`` comes after the first batches
+    are already drawn. DataModule state is restored with the model, before that, except under
+    strategies that restore after setup (FSDP, DeepSpeed): then the loader already built is dropped
+    so that Lightning builds it again from the restored position.
+
+    Subclasses pass every training sampler through :meth:`resume_sampler`.
     """
 
-    position_fn: Optional[Callable[[], Tuple[int, int]]] = None
+    _resume_at: Optional[Tuple[int, int]] = None
+
+    def train_position(self) -> Optional[Tuple[int, int]]:
+        """(epoch, batches done in it) of the run in progress; None outside ``fit``."""
+        trainer = getattr(self, 'trainer', None)
+        if trainer is None or trainer.state.fn != 'fit':
+            return None
+        epoch = trainer.current_epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            return epoch + 1, 0
+        return epoch, done
 
     def state_dict(self) -> Dict[str, int]:
-        if self.position_fn is None:
+        position = self.train_position()
+        if position is None:
             return {}
-        epoch, batches_done = self.position_fn()
-        return {'epoch': int(epoch), 'batches_done': int(batches_done)}
+        return {'train_epoch': int(position[0]), 'train_batches_done': int(position[1])}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        if state and isinstance(self.sampler, VirtualDeviceSampler):
-            self.sampler.skip_to(state['epoch'], state['batches_done'])
+        if 'train_epoch' not in state:
+            return
+        self._resume_at = (int(state['train_epoch']), int(state['train_batches_done']))
+        trainer = getattr(self, 'trainer', None)
+        fit_loop = getattr(trainer, 'fit_loop', None)
+        if getattr(fit_loop, '_combined_loader', None) is not None:  # restored after the loader was built
+            fit_loop._combined_loader = None
+
+    def resume_sampler(self, sampler: VirtualDeviceSampler) -> VirtualDeviceSampler:
+        """``sampler``, told to start at the restored position if this loader is the first after a resume."""
+        if self._resume_at is not None:
+            sampler.skip_to(*self._resume_at)
+            self._resume_at = None
+        return sampler
+
+
+class TrainDataLoader(DataLoader):
+    """The training loader of a :class:`ResumableTrainOrder` DataModule.
+
+    Its state is empty because the DataModule restores the position; it only tells Lightning that
+    this loader resumes mid-epoch (Lightning warns about loaders without ``state_dict``).
+    """
+
+    def state_dict(self) -> Dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        pass

@@ -42,6 +42,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .datamodules import resolve_path
+from .predict import VIDEO_EXTENSIONS, list_inputs
 
 __all__ = [
     'VIDEO_EXTENSIONS', 'VideoDecodeError', 'VideoSample', 'decode_video', 'video_num_frames', 'segment_indices',
@@ -337,6 +338,8 @@ class VideoDataModule(L.LightningDataModule):
         val_clips, val_crops, test_clips, test_crops: views per video in validation and test.
         batch_size: training clips per device; eval_batch_size: videos per device in evaluation.
         on_decode_error: ``'raise'`` or ``'skip'`` (warn, drop from the batch, count).
+        predict: unlabeled clips for ``zoo-train predict``: a folder, a list file or a CSV with a
+            ``path`` column; evaluated with the test views (``test_clips`` x ``test_crops``).
     """
 
     def __init__(
@@ -362,16 +365,17 @@ class VideoDataModule(L.LightningDataModule):
             on_decode_error: str = 'raise',
             mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
             std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+            predict: Optional[str] = None,
     ):
         super().__init__()
-        if not (train or val or test):
-            raise ValueError('VideoDataModule needs at least one of train, val, test')
+        if not (train or val or test or predict):
+            raise ValueError('VideoDataModule needs at least one of train, val, test, predict')
         if on_decode_error not in DECODE_ERROR_MODES:
             raise ValueError(f'on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}')
         self.save_hyperparameters()
         self._rows = {}
         self._classes = list(classes) if classes else None
-        self.train_set = self.val_set = self.test_set = None
+        self.train_set = self.val_set = self.test_set = self.predict_set = None
 
     def _split_rows(self, split: str) -> List[Tuple[Path, str]]:
         if split not in self._rows:
@@ -412,8 +416,23 @@ class VideoDataModule(L.LightningDataModule):
         return VideoClipDataset(self.samples(split), hp.num_segments, False, eval_views=views, num_clips=clips,
                                 on_decode_error=hp.on_decode_error)
 
+    def predict_dataset(self) -> VideoClipDataset:
+        """The ``predict`` clips with the test views; each item's label slot holds its index."""
+        hp = self.hparams
+        if hp.predict is None:
+            raise ValueError('zoo-train predict needs the inputs: --data.init_args.predict <folder, list or CSV>')
+        paths = list_inputs(resolve_path(hp.predict), VIDEO_EXTENSIONS)
+        views = EvalViews(hp.crop_size, hp.eval_resize, hp.test_crops, hp.mean, hp.std)
+        dataset = VideoClipDataset([VideoSample(p, i) for i, p in enumerate(paths)], hp.num_segments, False,
+                                   eval_views=views, num_clips=hp.test_clips, on_decode_error=hp.on_decode_error)
+        dataset.paths = paths
+        return dataset
+
     def setup(self, stage: str) -> None:
-        """Build the datasets a stage needs once (``train_set``, ``val_set``, ``test_set``)."""
+        """Build the datasets a stage needs once (``train_set``, ``val_set``, ``test_set``, ``predict_set``)."""
+        if stage == 'predict':
+            self.predict_set = self.predict_dataset()
+            return
         splits = {'fit': ('train', 'val'), 'validate': ('val',), 'test': ('test',)}.get(stage, ())
         for split in splits:
             if getattr(self.hparams, split) is not None and getattr(self, f'{split}_set', None) is None:
@@ -423,7 +442,7 @@ class VideoDataModule(L.LightningDataModule):
         hp = self.hparams
         dataset = getattr(self, f'{split}_set', None)
         if dataset is None:
-            dataset = self.dataset(split)
+            dataset = self.predict_dataset() if split == 'predict' else self.dataset(split)
         return DataLoader(
             dataset, batch_size=hp.batch_size if split == 'train' else hp.eval_batch_size,
             shuffle=shuffle, num_workers=hp.num_workers, collate_fn=collate_videos,
@@ -439,3 +458,6 @@ class VideoDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader('test', shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader('predict', shuffle=False)

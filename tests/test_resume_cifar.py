@@ -1,0 +1,129 @@
+"""Exact resume on the README's real config: ``configs/cifar10/quickstart.yaml`` through ``zoo-train``.
+
+The run is killed (SIGKILL, by the process itself right after a checkpoint, so the test needs no
+timing) inside the first epoch and again inside the second, resumed each time with the same command
+plus ``--ckpt_path last``, and must end bit-identical to an uninterrupted run: weights, buffers
+(BCN estimates), EMA weights, optimizer and scheduler state. A toy ImageFolder config passed while
+this config failed (the data order restarted at batch 0), so this test runs the real
+``Cifar10DataModule`` with its 8 virtual devices and its loader workers.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from lightning_modules import Cifar10DataModule, ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / 'configs' / 'cifar10' / 'quickstart.yaml'
+PER_CLASS = 20  # 200 images / (2 images x 8 devices) = 12 steps per epoch
+MAX_STEPS = 30  # crosses two epoch boundaries
+KILLS = (5, 17)  # a checkpoint is written at these steps, then the run dies: epoch 0 and epoch 1
+
+
+class KillAfterCheckpoint(pl.Callback):
+    """SIGKILLs its own process when training reaches ``step`` (whose checkpoint is already on disk)."""
+
+    def __init__(self, step: int = -1):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _callbacks(kill_at: int = -1) -> str:
+    return json.dumps([
+        {'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint',
+         'init_args': {'dirpath': 'runs/quickstart/checkpoints', 'save_last': True, 'every_n_train_steps': 1}},
+        {'class_path': 'test_resume_cifar.KillAfterCheckpoint', 'init_args': {'step': kill_at}},
+    ])
+
+
+def _zoo_train(cwd: Path, kill_at: int = -1, resume: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', 'lightning_modules.cli', 'fit', '-c', str(CONFIG),
+           '--trainer.max_steps', str(MAX_STEPS), '--trainer.logger', 'false', '--trainer.enable_progress_bar', 'false',
+           '--trainer.callbacks', _callbacks(kill_at), '--test_after_fit', 'false',
+           '--data.init_args.train_per_class', str(PER_CLASS), '--model.init_args.ema_decay', '0.9']
+    if resume:
+        cmd += ['--ckpt_path', 'last']
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(REPO / 'tests'), str(REPO), os.environ.get('PYTHONPATH', '')]))
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _last(cwd: Path) -> dict:
+    return torch.load(cwd / 'runs/quickstart/checkpoints/last.ckpt', map_location='cpu', weights_only=True)
+
+
+def _assert_same_training_state(resumed: dict, ref: dict) -> None:
+    assert resumed['global_step'] == ref['global_step']
+    assert resumed['state_dict'].keys() == ref['state_dict'].keys()
+    for key, value in ref['state_dict'].items():  # weights, BCN estimates and the EMA copy (ema.*)
+        assert torch.equal(resumed['state_dict'][key], value), key
+    assert any(k.startswith('ema.') for k in ref['state_dict'])
+    for r_opt, o_opt in zip(resumed['optimizer_states'], ref['optimizer_states'], strict=True):
+        assert r_opt['param_groups'] == o_opt['param_groups']
+        for i, state in o_opt['state'].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(r_opt['state'][i][name]), torch.as_tensor(value)), (i, name)
+    assert resumed['lr_schedulers'] == ref['lr_schedulers']
+
+
+def test_quickstart_config_killed_in_two_epochs_resumes_bit_identical(tmp_path):
+    ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
+    for kill_at in KILLS:
+        res = _zoo_train(run_dir, kill_at=kill_at, resume=kill_at != KILLS[0])
+        assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+        assert _last(run_dir)['global_step'] == kill_at
+    res = _zoo_train(run_dir, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _zoo_train(ref_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed, ref = _last(run_dir), _last(ref_dir)
+    assert ref['global_step'] == MAX_STEPS
+    _assert_same_training_state(resumed, ref)
+
+
+class _RestoreAfterSetup(SingleDeviceStrategy):
+    """Restores the checkpoint after ``configure_optimizers``, as Lightning's FSDP and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+class _SaveAt(pl.Callback):
+    def __init__(self, step: int, path: Path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def _fit(tmp: Path, ckpt_path=None, strategy=None, callbacks=()) -> dict:
+    pl.seed_everything(0)
+    model = ImageClassifier('resnet20_wsbcn', num_classes=10, lr=0.05, warmup_epochs=0.1, ema_decay=0.9)
+    data = Cifar10DataModule(batch_size=2, virtual_devices=4, train_per_class=4, num_workers=0)  # 5 steps / epoch
+    trainer = pl.Trainer(
+        accelerator='cpu', max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp, enable_checkpointing=False,
+        strategy=strategy or SingleDeviceStrategy(torch.device('cpu')), callbacks=list(callbacks))
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model.state_dict()
+
+
+def test_resume_is_exact_when_the_strategy_restores_after_setup(tmp_path):
+    """Under FSDP / DeepSpeed the checkpoint is restored after the training loader was built."""
+    ref = _fit(tmp_path, callbacks=[_SaveAt(7, tmp_path / 'step7.ckpt')])  # step 7: inside epoch 1
+    resumed = _fit(tmp_path, ckpt_path=tmp_path / 'step7.ckpt', strategy=_RestoreAfterSetup(torch.device('cpu')))
+    for key, value in ref.items():
+        assert torch.equal(resumed[key], value), key
