@@ -167,8 +167,7 @@ def test_datamodule_resumes_mid_epoch_with_the_same_crops(tmp_path):
     assert len(full) == 2 and full[0]['image'].shape == (4, 3, 32, 32)
     resumed = SegmentationDataModule(**kw)
     resumed.setup('fit')
-    loader = resumed.train_dataloader()
-    loader.load_state_dict({'epoch': 1, 'batches_done': 1})
-    rest = list(loader)
+    resumed.load_state_dict({'train_epoch': 1, 'train_batches_done': 1})  # as Lightning restores a checkpoint
+    rest = list(resumed.train_dataloader())
     assert len(rest) == 1
     assert torch.equal(rest[0]['image'], full[1]['image']) and torch.equal(rest[0]['mask'], full[1]['mask'])

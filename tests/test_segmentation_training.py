@@ -56,6 +56,8 @@ def test_cli_fit_reports_miou_checkpoint_round_trip_and_predict(tmp_path, monkey
     main(['predict', '-c', str(CPU_CONFIG), '--ckpt_path', str(last), *TINY,
           '--trainer.callbacks+=lightning_modules.segmentation.SegmentationWriter',
           f'--trainer.callbacks.output_dir={tmp_path / "pred"}'])
+    with pytest.raises(ValueError, match='SegmentationWriter'):  # not the classifiers' top-k CSV
+        main(['predict', '-c', str(CPU_CONFIG), '--ckpt_path', str(last), *TINY])
     masks = sorted((tmp_path / 'pred' / 'masks').glob('*.png'))
     overlays = sorted((tmp_path / 'pred' / 'overlays').glob('*.jpg'))
     assert len(masks) == len(overlays) == 3

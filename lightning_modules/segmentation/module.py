@@ -193,6 +193,13 @@ class SemanticSegmenter(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, 'test/')
 
+    def on_predict_start(self) -> None:
+        from .predict import SegmentationWriter
+        if not any(isinstance(c, SegmentationWriter) for c in self.trainer.callbacks):
+            raise ValueError('Segmentation predict writes masks and overlays through a SegmentationWriter: add '
+                             '--trainer.callbacks+=lightning_modules.segmentation.SegmentationWriter '
+                             '--trainer.callbacks.output_dir DIR')
+
     def predict_step(self, batch: Dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
         """Class-index maps (uint8 / long) at each image's original size, with the dataset indices.
 
