@@ -79,6 +79,7 @@ def _random_batch(n=4, size=32, classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n, size, size), generator=g)
     y[:, :2] = 255
+    y[0, :, :10] = 255  # devices see different numbers of labelled pixels
     return {'image': torch.randn(n, 3, size, size, generator=g), 'mask': y}
 
 
@@ -108,6 +109,17 @@ def test_nonfinite_loss_stops_cleanly():
                          enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(NonFiniteLossError, match='Non-finite training loss'):
         trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+
+
+def test_crop_without_labelled_pixels_gives_zero_loss():
+    model = SemanticSegmenter('deeplabv3_resnet18_wsgn', num_classes=5, model_kwargs=dict(output_stride=16))
+    logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+    target = torch.randint(0, 5, (2, 8, 8))
+    target[1] = 255
+    loss = model._loss(logits, target, num_devices=2)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[:1], target[:1]) / 2)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[1].abs().sum() == 0
 
 
 def test_poly_schedule_per_iteration():

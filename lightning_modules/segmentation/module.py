@@ -1,7 +1,8 @@
 """``SemanticSegmenter``: train DeepLabV3 (any zoo segmenter) at any number of images per device.
 
 - Loss: cross-entropy ignoring ``ignore_index`` (255), plus ``aux_weight`` x the auxiliary head's
-  loss when the model has one (``model_kwargs: {aux_loss: true}``).
+  loss when the model has one (``model_kwargs: {aux_loss: true}``). Per (virtual) device, the
+  mean over its labelled pixels, then the mean over devices: what DDP's gradient averaging gives.
 - Metrics (torchmetrics): ``{split}/miou`` (``JaccardIndex``, macro over the classes present in
   the predictions or the targets) and ``{split}/pixel_acc``, both without the ignored pixels, at
   the masks' full resolution: logits are cropped to each image's own size (eval batches are
@@ -23,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from zoo.segmentation import create_segmenter
 from ..classification import ImageClassifier
-from ..emulation import virtual_devices
+from ..emulation import split_devices, virtual_devices
 from ..optim import OptimConfig
 from .transforms import IGNORE_INDEX
 
@@ -119,7 +120,8 @@ class SemanticSegmenter(pl.LightningModule):
         self.val_metrics = segmentation_metrics(num_classes, 'val/', ignore_index)
         self.test_metrics = segmentation_metrics(num_classes, 'test/', ignore_index)
 
-    # The same device bookkeeping and non-finite-loss stop as the classifier.
+    # Shared with the classifier: virtual-device bookkeeping, the non-finite-loss stop, RNG states in
+    # checkpoints (exact resume), optimizer and per-iteration schedule.
     setup = ImageClassifier.setup
     _check_finite = ImageClassifier._check_finite
     on_save_checkpoint = ImageClassifier.on_save_checkpoint
@@ -131,17 +133,26 @@ class SemanticSegmenter(pl.LightningModule):
         """Logits (N, num_classes, H, W) at the input size."""
         return self.model(x)['out']
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, num_devices: int = 1) -> torch.Tensor:
+        """Mean cross-entropy over each device's labelled pixels, averaged over the devices as DDP does.
+
+        A crop with no labelled pixel gives 0 (not torch's 0 / 0 = NaN, which would stop training).
+        """
+        losses = []
+        for lk, tk in zip(split_devices(logits, num_devices), split_devices(target, num_devices)):
+            total = F.cross_entropy(lk, tk, ignore_index=self.ignore_index, reduction='sum')
+            losses.append(total / (tk != self.ignore_index).sum().clamp(min=1))
+        return torch.stack(losses).mean()
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch['image'], batch['mask']
-        with virtual_devices(self.model, self.virtual_devices or 1):
+        k = self.virtual_devices or 1
+        with virtual_devices(self.model, k):
             out = self.model(x)
-        loss = main = self._loss(out['out'], y)
+        loss = main = self._loss(out['out'], y, k)
         if 'aux' in out:
-            aux = self._loss(out['aux'], y)
+            aux = self._loss(out['aux'], y, k)
             loss = main + self.aux_weight * aux
             self.log('train/aux_loss', aux)
         self._check_finite(loss, batch_idx)
