@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
@@ -42,6 +43,8 @@ class ZooCLI(LightningCLI):
             set_cpu_threads(int(workers or 0))
 
     def before_predict(self) -> None:
+        if any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            return  # the config names its own writer (e.g. segmentation masks)
         cfg = self.config[self.subcommand]
         self.trainer.callbacks.append(TopKWriter(cfg.get('predict_output'), cfg.get('top_k')))
 

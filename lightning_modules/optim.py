@@ -27,7 +27,7 @@ __all__ = ['OptimConfig', 'OPTIMIZERS', 'SCHEDULES', 'param_groups', 'param_ndim
            'create_optimizer', 'create_scheduler', 'head_parameters']
 
 OPTIMIZERS = ('sgd', 'adamw')
-SCHEDULES = ('cosine', 'step', 'multistep', 'constant')
+SCHEDULES = ('cosine', 'step', 'multistep', 'poly', 'constant')
 
 
 @dataclass
@@ -45,7 +45,7 @@ class OptimConfig:
     min_lr: float = 0.
     decay_epochs: float = 30.  # 'step': decay every this many epochs
     milestones: Sequence[float] = field(default_factory=lambda: (30., 60., 90.))  # 'multistep'
-    decay_rate: float = 0.1
+    decay_rate: float = 0.1  # 'step' / 'multistep': the factor; 'poly': the power (0.9 for DeepLab)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
