@@ -37,8 +37,10 @@ from timm.models import is_model, split_model_name_tag
 from timm.models._hub import load_model_config_from_path, save_for_hf
 
 __all__ = [
-    'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'state_dict_sha256', 'read_weights', 'check_state_dict',
-    'load_weights', 'verify_state_dict', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
+    'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
+    'checkpoint_sha256', 'verify_checkpoint', 'read_weights', 'check_state_dict',
+    'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
+    'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
     'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model',
 ]
 
@@ -47,6 +49,7 @@ _logger = logging.getLogger(__name__)
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
+CHECKPOINT_DIGEST_KEY = 'zoo_sha256'  # Lightning checkpoints the zoo writes: checkpoint_sha256 of the rest
 _REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
 
 
@@ -56,14 +59,54 @@ class WeightsError(RuntimeError):
 
 # ----------------------------------------------------------------------------------- reading
 
+def _update_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to('cpu').contiguous()
+    h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of every tensor (independent of file format)."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().to('cpu').contiguous()
-        h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _update_tensor(h, name, state_dict[name])
     return h.hexdigest()
+
+
+def _tensors(obj: Any, path: str):
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f'{path}/{k}')
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f'{path}/{i}')
+
+
+def checkpoint_sha256(checkpoint: Mapping[str, Any]) -> str:
+    """SHA-256 over every tensor of a Lightning checkpoint (weights, optimizer state, ...), by path."""
+    h = hashlib.sha256()
+    for path, t in _tensors({k: v for k, v in checkpoint.items() if k != CHECKPOINT_DIGEST_KEY}, ''):
+        _update_tensor(h, path, t)
+    return h.hexdigest()
+
+
+def verify_checkpoint(checkpoint: Mapping[str, Any], path: Union[str, Path]) -> None:
+    """Refuse a checkpoint whose tensors differ from the digest recorded when the zoo wrote it.
+
+    Checkpoints without a digest (written by plain Lightning, or by the zoo before it recorded
+    one) load unchecked.
+    """
+    expected = checkpoint.get(CHECKPOINT_DIGEST_KEY) if isinstance(checkpoint, Mapping) else None
+    if not expected:
+        return
+    actual = checkpoint_sha256(checkpoint)
+    if actual != expected:
+        raise WeightsError(
+            f'Checkpoint {path} does not match the digest recorded when it was written (expected sha256 '
+            f'{expected[:16]}..., got {actual[:16]}...): its tensor data was modified or corrupted on disk. '
+            f'Do not use it; resume from or load another checkpoint.')
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -137,6 +180,56 @@ def _recorded_sha256(config: Mapping[str, Any]) -> Optional[str]:
     return (config.get(ZOO_CONFIG_KEY) or {}).get('state_dict_sha256')
 
 
+# What timm builds the model from (``timm.models._hub._parse_model_cfg`` and ``load_pretrained``):
+# the architecture, its arguments (WS formula, norm args, ...), the number of classes, and where the
+# classifier and stem are. Labels, descriptions and data settings may be edited freely.
+_MODEL_CONFIG_FIELDS = ('architecture', 'num_classes', 'model_args')
+_MODEL_PRETRAINED_CFG_FIELDS = ('num_classes', 'classifier', 'first_conv', 'label_offset', 'custom_load')
+
+
+def model_config_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 over the ``config.json`` fields that define the model (not labels or descriptions)."""
+    pretrained_cfg = config.get('pretrained_cfg', config)  # timm's legacy configs are one flat dict
+    defining = {'config': {k: config.get(k) for k in _MODEL_CONFIG_FIELDS},
+                'pretrained_cfg': {k: pretrained_cfg.get(k) for k in _MODEL_PRETRAINED_CFG_FIELDS}}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+
+
+def verify_model_config(config: Mapping[str, Any], source: str) -> None:
+    """Refuse a ``config.json`` whose model-defining fields differ from those recorded at publishing time.
+
+    Folders with a weights digest but no config digest (published before the zoo recorded one)
+    load with a warning: their ``config.json`` is not protected.
+    """
+    zoo_meta = config.get(ZOO_CONFIG_KEY) or {}
+    expected = zoo_meta.get('model_config_sha256')
+    if not expected:
+        if zoo_meta.get('state_dict_sha256'):
+            _logger.warning('%s records no model_config_sha256: edits of its %s are not detected '
+                            '(re-record with `python -m zoo.hub record-digest FOLDER`).', source, CONFIG_NAME)
+        return
+    if model_config_sha256(config) != expected:
+        fields = ', '.join(_MODEL_CONFIG_FIELDS) + ', pretrained_cfg.' + ', pretrained_cfg.'.join(_MODEL_PRETRAINED_CFG_FIELDS)
+        raise WeightsError(
+            f'The {CONFIG_NAME} of {source} was modified after publishing: the fields that define the model '
+            f'({fields}) differ from the digest recorded with it, so the weights would build another model '
+            f'than the one they were trained as. Restore the original {CONFIG_NAME}; to fine-tune with another '
+            f'number of classes, pass num_classes=... to the loader instead of editing the file.')
+
+
+def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any], source: str) -> None:
+    """The weights' classifier must have the ``num_classes`` the config claims (else timm would drop it)."""
+    classifier, n = pretrained_cfg.get('classifier'), pretrained_cfg.get('num_classes')
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    for name in names:
+        w = state_dict.get(f'{name}.weight')
+        if w is not None and n is not None and w.ndim >= 1 and w.shape[0] != n:
+            raise WeightsError(
+                f'{source}: {CONFIG_NAME} says num_classes={n}, but the weights\' classifier {name} has '
+                f'{w.shape[0]} outputs; the trained head would be silently replaced. Restore the original '
+                f'{CONFIG_NAME}, or pass num_classes=... to the loader to replace the head on purpose.')
+
+
 # ----------------------------------------------------------------------------------- saving
 
 def save_hub_folder(
@@ -161,7 +254,23 @@ def save_hub_folder(
     if label_names:
         model_config['label_names'] = list(label_names)
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    record_model_config_digest(folder)
     return folder
+
+
+def record_model_config_digest(folder: Union[str, Path]) -> str:
+    """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest).
+
+    :func:`save_hub_folder` calls it; run it by hand (``python -m zoo.hub record-digest FOLDER``) only
+    for a folder whose ``config.json`` is known to be the original.
+    """
+    cfg_file = Path(folder) / CONFIG_NAME
+    config = json.loads(cfg_file.read_text())
+    verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
+    digest = model_config_sha256(config)
+    config.setdefault(ZOO_CONFIG_KEY, {})['model_config_sha256'] = digest
+    cfg_file.write_text(json.dumps(config, indent=2))  # timm's save_for_hf layout
+    return digest
 
 
 # ----------------------------------------------------------------------------------- Hub repos and folders
@@ -229,9 +338,11 @@ def load_hub_model(
     """
     folder, label = _resolve_folder(source, revision, cache_dir)
     config = json.loads((folder / CONFIG_NAME).read_text())
+    verify_model_config(config, label)
     state_dict = read_weights(folder / WEIGHTS_NAME)
     verify_state_dict(state_dict, _recorded_sha256(config), label)
     pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+    check_classifier(state_dict, pretrained_cfg, label)
     if not is_model(arch):
         raise WeightsError(f'{label} needs architecture {arch!r}, which is not registered (import its package first).')
     for k in ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url'):
@@ -311,6 +422,7 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
     ckpt = read_weights(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), Mapping):
         raise WeightsError(f'{path} is not a Lightning checkpoint (no "state_dict" entry).')
+    verify_checkpoint(ckpt, path)
     hparams = dict(ckpt.get('hyper_parameters') or {})
     monitor = best = None
     for state in (ckpt.get('callbacks') or {}).values():
@@ -381,3 +493,20 @@ def load_model(source: Union[str, Path], **kwargs) -> nn.Module:
     if Path(s).is_file():
         return load_lightning_checkpoint(s, **kwargs)
     return load_hub_model(s, **kwargs)
+
+
+def main(argv=None) -> int:
+    """``python -m zoo.hub record-digest FOLDER...``: record the config digest of original folders."""
+    import argparse
+    p = argparse.ArgumentParser(prog='python -m zoo.hub')
+    sub = p.add_subparsers(dest='command', required=True)
+    rec = sub.add_parser('record-digest', help=record_model_config_digest.__doc__.splitlines()[0])
+    rec.add_argument('folders', nargs='+')
+    args = p.parse_args(argv)
+    for folder in args.folders:
+        print(f'{folder}: model_config_sha256 {record_model_config_digest(folder)}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -15,7 +15,9 @@ When the tag's args apply (the zoo's decision):
 Explicit kwargs always win over a tag's args.
 
 Weights from a Hub repo or folder written by :func:`zoo.hub.save_hub_folder` are checked against
-the digest in its ``config.json``, and unreadable files raise :class:`zoo.hub.WeightsError`.
+the digests in its ``config.json`` (of the weights, and of the fields that define the model), a
+classifier that does not have the configured number of classes is refused rather than replaced,
+and unreadable files raise :class:`zoo.hub.WeightsError`.
 """
 import json
 import pickle
@@ -68,9 +70,9 @@ def shipped_weights(name_with_tag: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def _recorded_digest(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[str]:
-    """Digest from the config.json next to Hub / local-dir / Hub-folder file weights, else None."""
-    from zoo.hub import CONFIG_NAME, WEIGHTS_NAME, _recorded_sha256
+def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[str, Any]]:
+    """The config.json next to Hub / local-dir / Hub-folder file weights, else None."""
+    from zoo.hub import CONFIG_NAME, WEIGHTS_NAME
     source = pretrained_cfg.get('source')
     if source == 'local-dir' and pretrained_cfg.get('file'):
         cfg_file = Path(pretrained_cfg['file']) / CONFIG_NAME
@@ -83,16 +85,21 @@ def _recorded_digest(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[str]
         cfg_file = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
     else:
         return None
-    return _recorded_sha256(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+    return json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
 
 
 def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
     def filter_fn(state_dict, model):
-        from zoo.hub import check_state_dict, verify_state_dict
+        from zoo.hub import _recorded_sha256, check_classifier, check_state_dict, verify_model_config, verify_state_dict
         cfg = model.pretrained_cfg
-        verify_state_dict(state_dict, _recorded_digest(cfg, cache_dir), cfg.get('hf_hub_id') or cfg.get('file') or '')
+        source = cfg.get('hf_hub_id') or cfg.get('file') or ''
+        folder_config = _folder_config(cfg, cache_dir)
+        if folder_config is not None:
+            verify_model_config(folder_config, source)
+            verify_state_dict(state_dict, _recorded_sha256(folder_config), source)
         if spec is not None and spec.filter_fn is not None:
             state_dict = spec.filter_fn(state_dict, model)
+        check_classifier(state_dict, cfg, source)  # else timm would silently drop a head the config misdescribes
         # timm adapts the classifier (other num_classes) and the stem (other in_chans) after this
         # filter; check everything else up front, so a bad file never reaches load_state_dict.
         adapted = set()
@@ -104,7 +111,7 @@ def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
         expected = model.state_dict()
         check_state_dict(model, {k: v for k, v in state_dict.items() if k not in adapted}, strict=False)
         missing = [k for k in expected if k not in state_dict and k not in adapted]
-        unexpected = [k for k in state_dict if k not in expected]
+        unexpected = [k for k in state_dict if k not in expected and k not in adapted]  # num_classes=0: no fc
         if missing or unexpected:
             from zoo.hub import WeightsError
             raise WeightsError(
