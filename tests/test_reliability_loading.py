@@ -248,3 +248,99 @@ def test_unwrap_checkpoint_finds_state_dict_next_to_0dim_metrics():
     ckpt = {'epoch': 90, 'acc': torch.tensor(76.3), 'best_acc': torch.tensor(76.5), 'state_dict': sd}
     assert unwrap_checkpoint(ckpt).keys() == sd.keys()
     assert unwrap_checkpoint(sd).keys() == sd.keys()
+
+
+# ----------------------------------------------------------------------------------- item 4: downloads
+
+class SilentServer:
+    """Accepts TCP connections and never replies (a captive or broken network); counts connections."""
+
+    def __init__(self):
+        self.sock = socket.create_server(('127.0.0.1', 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for c in self.connections:
+            c.close()
+
+
+@pytest.fixture
+def silent_server():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def _url_weights(url):
+    return timm.create_model('resnet50_wsbcn.in1k', pretrained=True, pretrained_cfg_overlay=dict(url=url))
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))  # torch.hub's cache, where timm looks for URL weights
+    return tmp_path / 'torch'
+
+
+def test_silent_host_fails_fast_for_url_weights(silent_server, torch_home, monkeypatch):
+    monkeypatch.setenv('ZOO_DOWNLOAD_TIMEOUT', '1')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    t = time.time()
+    with pytest.raises(WeightsError) as info:
+        _url_weights(f'http://127.0.0.1:{silent_server.port}/rn50_bcn_ws.pth')
+    assert time.time() - t < 10
+    message = str(info.value)
+    assert message.startswith(f'No reply from 127.0.0.1:{silent_server.port} within 1 s'), message
+    assert 'ZOO_DOWNLOAD_TIMEOUT' in message and 'pretrained_cfg_overlay=dict(file=PATH)' in message
+    assert silent_server.connections and not list(torch_home.rglob('*.pth*'))  # no partial file where timm looks
+
+
+def test_offline_url_weights_make_no_network_attempt(silent_server, torch_home, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(WeightsError) as info:
+        _url_weights(f'http://127.0.0.1:{silent_server.port}/rn50_bcn_ws.pth')
+    assert silent_server.connections == []
+    message = str(info.value)
+    assert message.startswith('Offline (HF_HUB_OFFLINE=1)') and 'no download was attempted' in message, message
+    assert 'pretrained_cfg_overlay=dict(file=PATH)' in message
+
+
+HUB_SCRIPT = r'''
+import time, timm, zoo
+for name, load in [
+        ('zoo.load_model', lambda: zoo.load_model('hf-hub:wsbcn-zoo/not-cached')),
+        ('hub-default-cfg', lambda: timm.create_model('resnet20_wsbcn.cifar10', pretrained=True,
+                                                     pretrained_cfg_overlay=dict(file=None)))]:
+    t = time.time()
+    try:
+        load()
+        print(f'{name}|loaded')
+    except zoo.WeightsError as e:
+        print(f'{name}|{time.time() - t:.1f}|{e}'.replace('\n', ' '))
+'''
+
+
+def test_silent_hub_fails_fast_with_clear_error(silent_server, tmp_path):
+    """huggingface_hub alone retries such a host for minutes per file (measured: over 250 s)."""
+    env = {k: v for k, v in os.environ.items() if k != 'HF_HUB_OFFLINE'}
+    env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=f'http://127.0.0.1:{silent_server.port}',
+               ZOO_DOWNLOAD_TIMEOUT='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-c', HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {line.split('|')[0]: line.split('|')[1:] for line in r.stdout.splitlines() if '|' in line}
+    assert set(results) == {'zoo.load_model', 'hub-default-cfg'}, r.stdout
+    for name, (seconds, message) in results.items():
+        assert float(seconds) < 20, (name, seconds)
+        assert message.startswith(f'No reply from 127.0.0.1:{silent_server.port} within 1 s'), message
+        assert 'not in the Hugging Face cache' in message and 'ZOO_DOWNLOAD_TIMEOUT' in message, message
+    assert silent_server.connections

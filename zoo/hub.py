@@ -10,8 +10,9 @@ returned half-loaded:
 - keys or shapes that do not fit the model.
 
 Hub repos and folders load through timm (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``
-works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the checks above and
-clear errors for missing weights offline (``HF_HUB_OFFLINE=1``).
+works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the checks above, clear
+errors for missing weights offline (``HF_HUB_OFFLINE=1``), and fails within ``ZOO_DOWNLOAD_TIMEOUT``
+seconds when the Hub does not answer (:mod:`zoo._download`).
 """
 import hashlib
 import json
@@ -29,12 +30,13 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError
 from timm.models import is_model, split_model_name_tag
 from timm.models._hub import load_model_config_from_path, save_for_hf
+
+from zoo._download import hub_download
 
 __all__ = [
     'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
@@ -320,8 +322,8 @@ def _resolve_folder(source: str, revision: Optional[str], cache_dir) -> Tuple[Pa
     if '@' in repo_id:
         repo_id, revision = repo_id.split('@', 1)
     with _hub_errors(repo_id, revision):
-        cfg_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
-        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
+        cfg_file = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
+        hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
     return Path(cfg_file).parent, f'hf-hub:{repo_id}' + (f'@{revision}' if revision else '')
 
 

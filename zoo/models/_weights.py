@@ -21,6 +21,8 @@ and unreadable files raise :class:`zoo.hub.WeightsError`.
 """
 import json
 import pickle
+import socket
+import urllib.error
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +81,10 @@ def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[s
     elif not source and pretrained_cfg.get('file') and Path(pretrained_cfg['file']).name == WEIGHTS_NAME:
         cfg_file = Path(pretrained_cfg['file']).parent / CONFIG_NAME  # a file inside a Hub-ready folder
     elif source == 'hf-hub' and pretrained_cfg.get('hf_hub_id'):
-        from huggingface_hub import hf_hub_download
         from timm.models._hub import hf_split
+        from zoo._download import hub_download
         repo_id, revision = hf_split(pretrained_cfg['hf_hub_id'])
-        cfg_file = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
+        cfg_file = Path(hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
     else:
         return None
     return json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
@@ -129,10 +131,32 @@ def _weights_location(variant: str, pretrained_cfg, overlay) -> str:
     return str(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or variant)
 
 
+def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> None:
+    """Fetch URL / Hub weights with a timeout (offline: not at all) before timm reads them from its cache."""
+    from zoo._download import fetch_url, hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models._hub import hf_split
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else resolve_pretrained_cfg(
+        variant, pretrained_cfg, overlay).to_dict()
+    load_from, where = _resolve_pretrained_source(cfg)
+    if load_from == 'url':
+        fetch_url(where, cache_dir, what=f'weights of {variant}')
+    elif load_from == 'hf-hub':
+        repo, filename = where if isinstance(where, (tuple, list)) else (where, 'model.safetensors')
+        repo_id, revision = hf_split(repo)
+        try:
+            hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+        except EntryNotFoundError:
+            pass  # another file name (pytorch_model.bin): timm looks for it
+
+
 def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretrained_cfg=None,
                     pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
     """``timm.build_model_with_cfg`` plus tag build args, layout converters and weight checks."""
     from zoo.hub import WeightsError
+    if pretrained:
+        _prefetch(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)
     spec = weight_spec_for(variant, pretrained, pretrained_cfg, pretrained_cfg_overlay)
     tag_args = deepcopy(spec.model_args) if spec else {}
     for k, v in tag_args.items():
@@ -148,11 +172,15 @@ def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretraine
         if not pretrained:
             raise
         where = _weights_location(variant, pretrained_cfg, pretrained_cfg_overlay)
+        if isinstance(e, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError)):
+            what = 'The download failed (network)'
+        else:
+            what = ('If the file is truncated or corrupted, delete it (from the HF cache or ~/.cache/torch/hub) '
+                    'and download it again')
         raise WeightsError(
-            f'Could not load the pretrained weights of {variant} from {where}: {type(e).__name__}: {e}. '
-            f'If the file is truncated or corrupted, delete it (from the HF cache or ~/.cache/torch/hub) and '
-            f'download it again; offline, download it elsewhere and pass '
-            f'pretrained_cfg_overlay=dict(file=PATH), or load a saved folder with local-dir:PATH.') from e
+            f'Could not load the pretrained weights of {variant} from {where}: {type(e).__name__}: {e}. {what}; '
+            f'offline, download it elsewhere and pass pretrained_cfg_overlay=dict(file=PATH), or load a saved '
+            f'folder with local-dir:PATH.') from e
     # Recorded as model args so that an export (timm save_for_hf) rebuilds the same model.
     model._model_args = dict(tag_args, **getattr(model, '_model_args', {}))
     return model
