@@ -227,9 +227,10 @@ def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Map
         w = state_dict.get(f'{name}.weight')
         if w is not None and n is not None and w.ndim >= 1 and w.shape[0] != n:
             raise WeightsError(
-                f'{source}: {CONFIG_NAME} says num_classes={n}, but the weights\' classifier {name} has '
-                f'{w.shape[0]} outputs; the trained head would be silently replaced. Restore the original '
-                f'{CONFIG_NAME}, or pass num_classes=... to the loader to replace the head on purpose.')
+                f'{source}: the config says num_classes={n}, but the classifier {name}.weight in the weights has '
+                f'{w.shape[0]} outputs, so the trained head would be silently replaced. If {CONFIG_NAME} was edited, '
+                f'restore it; for a file of your own, pass pretrained_cfg_overlay=dict(num_classes={w.shape[0]}); '
+                f'to replace the head on purpose, pass num_classes=... as well.')
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -256,11 +257,11 @@ def save_hub_folder(
     if label_names:
         model_config['label_names'] = list(label_names)
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
-    record_model_config_digest(folder)
+    record_model_config_digest(folder, check_weights=False)  # the weights digest was just computed from the model
     return folder
 
 
-def record_model_config_digest(folder: Union[str, Path]) -> str:
+def record_model_config_digest(folder: Union[str, Path], check_weights: bool = True) -> str:
     """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest).
 
     :func:`save_hub_folder` calls it; run it by hand (``python -m zoo.hub record-digest FOLDER``) only
@@ -268,7 +269,8 @@ def record_model_config_digest(folder: Union[str, Path]) -> str:
     """
     cfg_file = Path(folder) / CONFIG_NAME
     config = json.loads(cfg_file.read_text())
-    verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
+    if check_weights:
+        verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
     digest = model_config_sha256(config)
     config.setdefault(ZOO_CONFIG_KEY, {})['model_config_sha256'] = digest
     cfg_file.write_text(json.dumps(config, indent=2))  # timm's save_for_hf layout
