@@ -218,7 +218,7 @@ def test_head_is_replaced_only_on_request(hub_folder, tmp_path):
         del cfg['zoo']['model_config_sha256']
     bad = _edit_config(hub_folder, tmp_path / 'bad', edit)
     for name, load in _loaders(bad).items():
-        with pytest.raises(WeightsError, match=r'num_classes=100, but the classifier fc\.weight in the weights has 10 outputs'):
+        with pytest.raises(WeightsError, match=r'num_classes=100, but the classifier fc\.weight in the weights has 10 outputs, the size the model'):
             load()
     assert zoo.load_model(hub_folder, num_classes=4).fc.out_features == 4  # asked for: replaced
 

@@ -219,18 +219,23 @@ def verify_model_config(config: Mapping[str, Any], source: str) -> None:
             f'number of classes, pass num_classes=... to the loader instead of editing the file.')
 
 
-def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any], source: str) -> None:
-    """The weights' classifier must have the ``num_classes`` the config claims (else timm would drop it)."""
+def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any],
+                     num_classes: Optional[int], source: str) -> None:
+    """Refuse to drop a trained head that fits: timm replaces the classifier whenever the model's
+    ``num_classes`` differs from the config's, even when the weights' head has the model's size
+    (a ``config.json`` whose ``num_classes`` was edited). Another ``num_classes`` asked for by the
+    caller still gets a new head."""
     classifier, n = pretrained_cfg.get('classifier'), pretrained_cfg.get('num_classes')
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
     for name in names:
         w = state_dict.get(f'{name}.weight')
-        if w is not None and n is not None and w.ndim >= 1 and w.shape[0] != n:
-            raise WeightsError(
-                f'{source}: the config says num_classes={n}, but the classifier {name}.weight in the weights has '
-                f'{w.shape[0]} outputs, so the trained head would be silently replaced. If {CONFIG_NAME} was edited, '
-                f'restore it; for a file of your own, pass pretrained_cfg_overlay=dict(num_classes={w.shape[0]}); '
-                f'to replace the head on purpose, pass num_classes=... as well.')
+        if w is None or n is None or num_classes in (None, n) or w.ndim < 1 or w.shape[0] != num_classes:
+            continue
+        raise WeightsError(
+            f'{source}: the config says num_classes={n}, but the classifier {name}.weight in the weights has '
+            f'{w.shape[0]} outputs, the size the model was built with, so the trained head would be silently '
+            f'replaced. If {CONFIG_NAME} was edited, restore it; for a file of your own, pass '
+            f'pretrained_cfg_overlay=dict(num_classes={w.shape[0]}).')
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -346,7 +351,6 @@ def load_hub_model(
     state_dict = read_weights(folder / WEIGHTS_NAME)
     verify_state_dict(state_dict, _recorded_sha256(config), label)
     pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
-    check_classifier(state_dict, pretrained_cfg, label)
     if not is_model(arch):
         raise WeightsError(f'{label} needs architecture {arch!r}, which is not registered (import its package first).')
     for k in ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url'):

@@ -101,7 +101,7 @@ def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
             verify_state_dict(state_dict, _recorded_sha256(folder_config), source)
         if spec is not None and spec.filter_fn is not None:
             state_dict = spec.filter_fn(state_dict, model)
-        check_classifier(state_dict, cfg, source)  # else timm would silently drop a head the config misdescribes
+        check_classifier(state_dict, cfg, getattr(model, 'num_classes', None), source)
         # timm adapts the classifier (other num_classes) and the stem (other in_chans) after this
         # filter; check everything else up front, so a bad file never reaches load_state_dict.
         adapted = set()
