@@ -64,7 +64,8 @@ def _as(args, subcommand):
 
 @pytest.mark.parametrize('subcommand', ['fit', 'test'])
 def test_ckpt_with_other_model_arguments_is_refused(run, images, tmp_path, capsys, subcommand):
-    args = _fit_args(images, tmp_path / 'ckpt', '--ckpt_path', str(run / 'last.ckpt'), model='resnet20_wsgn', num_classes=5)
+    args = _fit_args(images, tmp_path / 'ckpt', '--ckpt_path', str(run / 'last.ckpt'),
+                     model='resnet20_wsgn', num_classes=5)
     with pytest.raises(SystemExit) as info:
         build_cli(_as(args, subcommand))
     assert info.value.code == 2
@@ -76,7 +77,8 @@ def test_ckpt_with_other_model_arguments_is_refused(run, images, tmp_path, capsy
 
 
 def test_use_checkpoint_hparams_opts_in(run, images, tmp_path):
-    args = _fit_args(images, tmp_path / 'ckpt', '--ckpt_path', str(run / 'last.ckpt'), '--use_checkpoint_hparams', 'true',
+    args = _fit_args(images, tmp_path / 'ckpt', '--ckpt_path', str(run / 'last.ckpt'),
+                     '--use_checkpoint_hparams', 'true',
                      model='resnet20_wsgn', num_classes=5)
     cli = build_cli(_as(args, 'test'))
     assert cli.model.hparams.model_name == 'resnet20_wsbcn' and cli.model.model.num_classes == 3
@@ -107,7 +109,8 @@ def test_newest_resume_checkpoint_compares_global_steps(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning_modules.checkpointing import newest_resume_checkpoint
-    trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / 'ckpt', save_last=True)],
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / 'ckpt', save_last=True)
+    trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=[checkpoint],
                          logger=False, accelerator='cpu')
     assert newest_resume_checkpoint(trainer) is None
     (tmp_path / 'ckpt').mkdir()
@@ -206,7 +209,8 @@ def test_config_edits_that_change_the_model_are_refused(hub_folder, tmp_path, ed
 
 
 def test_shipped_folder_config_is_protected(tmp_path):
-    bad = _edit_config(zoo.models._weights.shipped_weights('resnet20_wsbcn.cifar10').parent, tmp_path / 'bad', _set_arch)
+    shipped = zoo.models._weights.shipped_weights('resnet20_wsbcn.cifar10').parent
+    bad = _edit_config(shipped, tmp_path / 'bad', _set_arch)
     with pytest.raises(WeightsError, match='modified after publishing'):
         zoo.load_model(f'local-dir:{bad}')
 
@@ -218,7 +222,8 @@ def test_head_is_replaced_only_on_request(hub_folder, tmp_path):
         del cfg['zoo']['model_config_sha256']
     bad = _edit_config(hub_folder, tmp_path / 'bad', edit)
     for name, load in _loaders(bad).items():
-        with pytest.raises(WeightsError, match=r'num_classes=100, but the classifier fc\.weight in the weights has 10 outputs, the size the model'):
+        with pytest.raises(WeightsError, match=r'num_classes=100, but the classifier fc\.weight in the weights has 10 '
+                                               r'outputs, the size the model'):
             load()
     assert zoo.load_model(hub_folder, num_classes=4).fc.out_features == 4  # asked for: replaced
 
@@ -331,11 +336,12 @@ for name, load in [
 
 
 def test_silent_hub_fails_fast_with_clear_error(silent_server, tmp_path):
-    """huggingface_hub alone retries such a host for minutes per file (measured: over 250 s)."""
+    """huggingface_hub alone retries such a host for minutes per file (10 s, then up to 6 x 60 s with back-off)."""
     env = {k: v for k, v in os.environ.items() if k != 'HF_HUB_OFFLINE'}
     env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=f'http://127.0.0.1:{silent_server.port}',
                ZOO_DOWNLOAD_TIMEOUT='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run([sys.executable, '-c', HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     results = {line.split('|')[0]: line.split('|')[1:] for line in r.stdout.splitlines() if '|' in line}
     assert set(results) == {'zoo.load_model', 'hub-default-cfg'}, r.stdout

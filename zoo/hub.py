@@ -211,7 +211,7 @@ def verify_model_config(config: Mapping[str, Any], source: str) -> None:
                             '(re-record with `python -m zoo.hub record-digest FOLDER`).', source, CONFIG_NAME)
         return
     if model_config_sha256(config) != expected:
-        fields = ', '.join(_MODEL_CONFIG_FIELDS) + ', pretrained_cfg.' + ', pretrained_cfg.'.join(_MODEL_PRETRAINED_CFG_FIELDS)
+        fields = ', '.join(list(_MODEL_CONFIG_FIELDS) + [f'pretrained_cfg.{k}' for k in _MODEL_PRETRAINED_CFG_FIELDS])
         raise WeightsError(
             f'The {CONFIG_NAME} of {source} was modified after publishing: the fields that define the model '
             f'({fields}) differ from the digest recorded with it, so the weights would build another model '
