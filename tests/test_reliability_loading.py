@@ -162,6 +162,9 @@ def test_checkpoints_carry_a_digest_and_flipped_bytes_are_refused(run, images, t
     assert not torch.equal(changed, ckpt['state_dict']['model.fc.weight'])  # loads fine with plain torch
     with pytest.raises(WeightsError, match=r'flipped\.ckpt does not match the digest'):
         zoo.load_model(bad)
+    from lightning_modules.finetune import read_state_dict
+    with pytest.raises(WeightsError, match=r'flipped\.ckpt does not match the digest'):  # init_checkpoint=...
+        read_state_dict(bad)
     with pytest.raises(WeightsError, match=r'flipped\.ckpt does not match the digest'):
         build_cli(_as(_fit_args(images, tmp_path / 'out', '--ckpt_path', str(bad)), 'test'))
 
