@@ -10,16 +10,24 @@ Model and data are chosen by ``class_path`` in the config (any LightningModule /
 LightningDataModule, e.g. ``lightning_modules.ImageClassifier`` and
 ``lightning_modules.Cifar10DataModule``). Extra option: ``--test_after_fit true`` runs the test
 set after ``fit`` with the final weights and prints top-1.
+
+Checkpoints (:mod:`lightning_modules.checkpointing`): ``--ckpt_path`` refuses a checkpoint whose
+model hyper-parameters differ from the command line/config, naming each, unless
+``--use_checkpoint_hparams true`` (then the checkpoint's values are used, as plain LightningCLI
+does); ``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and Lightning's SLURM
+``hpc_ckpt_N.ckpt``; every checkpoint written records a digest that is checked when it is loaded.
 """
 from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
+from .checkpointing import DigestCheckpointIO, hparams_differences, newest_resume_checkpoint, read_checkpoint_header
 from .predict import TopKWriter
 from .runtime import quiet_known_noise, set_cpu_threads
 
@@ -33,6 +41,9 @@ class ZooCLI(LightningCLI):
         parser.add_argument('--predict_output', type=str, default='predictions.csv',
                             help='predict: where the top-k classes of every input go (.csv or .json).')
         parser.add_argument('--top_k', type=int, default=5, help='predict: classes written per input.')
+        parser.add_argument('--use_checkpoint_hparams', type=bool, default=False,
+                            help="With --ckpt_path: build the model from the checkpoint's hyper-parameters where they "
+                                 'differ from the command line/config (default: refuse, naming the differences).')
 
     def before_instantiate_classes(self) -> None:
         quiet_known_noise()
@@ -47,6 +58,52 @@ class ZooCLI(LightningCLI):
             return  # the config names its own writer (e.g. segmentation masks)
         cfg = self.config[self.subcommand]
         self.trainer.callbacks.append(TopKWriter(cfg.get('predict_output'), cfg.get('top_k')))
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get('subcommand')
+        ckpt_path = self.config[sub].get('ckpt_path') if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():  # LightningCLI merges its hparams next: compare first
+            self._check_checkpoint_hparams(ckpt_path, resolved=False)
+
+    def _check_checkpoint_hparams(self, ckpt_path: str, resolved: bool) -> None:
+        sub = self.config['subcommand']
+        if self.config[sub].get('use_checkpoint_hparams') and not resolved:
+            return
+        hparams = read_checkpoint_header(ckpt_path).get('hyper_parameters') or {}
+        diffs = hparams_differences(self.parser, self.config, sub, hparams)
+        if diffs:
+            hint = ('pass the checkpoint path itself with --use_checkpoint_hparams true to build the checkpoint\'s '
+                    'model' if resolved else 'pass --use_checkpoint_hparams true to use the checkpoint\'s values')
+            self.parser.error(
+                f'--ckpt_path {ckpt_path} was saved with other model arguments than the command line/config:\n  '
+                + '\n  '.join(diffs) + f'\nFix the command line/config, or {hint}.')
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        strategy = getattr(self, 'trainer', None) and self.trainer.strategy
+        if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = DigestCheckpointIO()
+
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest of last.ckpt and hpc_ckpt_N.ckpt, checked like an explicit path."""
+        cfg = self.config_init[self.subcommand]
+        if cfg.get('ckpt_path') != 'last':
+            return
+        path = newest_resume_checkpoint(self.trainer)
+        if path is None:
+            return  # Lightning warns that there is nothing to resume from and starts afresh
+        self._check_checkpoint_hparams(path, resolved=True)
+        cfg['ckpt_path'] = path
+
+    def before_fit(self) -> None:
+        self._resolve_last()
+
+    def before_validate(self) -> None:
+        self._resolve_last()
+
+    def before_test(self) -> None:
+        self._resolve_last()
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
@@ -71,13 +128,18 @@ class ZooCLI(LightningCLI):
         With ``every_n_train_steps``, ModelCheckpoint's last save can be up to N-1 steps before the
         end of training (its ``on_train_end`` only saves when nothing was saved yet), so the weights
         that ``--test_after_fit`` evaluates, and that get published, would be in no checkpoint.
+        Written only when ``last.ckpt`` does not already hold the final step (no second write).
         """
         ckpt = self.trainer.checkpoint_callback
         if ckpt is None or not ckpt.save_last or not ckpt.dirpath:
             return
         path = Path(ckpt.dirpath) / f'{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}'
-        self.trainer.save_checkpoint(path, weights_only=False)  # full state: resumable
+        done = self.trainer.is_global_zero and path.is_file() and \
+            read_checkpoint_header(path).get('global_step') == self.trainer.global_step
         ckpt.last_model_path = str(path)
+        if self.trainer.strategy.broadcast(done, src=0):  # every rank decides alike: saving has a barrier
+            return
+        self.trainer.save_checkpoint(path, weights_only=False)  # full state: resumable
 
 
 def build_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ZooCLI:

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
+from zoo.hub import verify_checkpoint
 from zoo.layers import BCN_BATCH_STAGES, BatchChannelNorm2d, set_bcn_batch_stage
 from .optim import head_parameters
 
@@ -35,6 +36,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated / corrupt / not a checkpoint
         raise ValueError(f'Cannot read checkpoint {path} ({type(e).__name__}: {e}); is it complete?') from e
+    verify_checkpoint(obj, path)  # a zoo-written checkpoint whose tensors changed on disk is refused
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         obj = obj['state_dict']
     if not isinstance(obj, dict):

@@ -139,6 +139,9 @@ def _save_release(ref: nn.Module, path, layout: str = 'authors'):
         obj = {f'module.{k}': v for k, v in sd.items()}
     elif layout == 'training':  # pytorch-classification save_checkpoint dict
         obj = {'epoch': 90, 'arch': 'resnet', 'best_prec1': 76.3, 'state_dict': {f'module.{k}': v for k, v in sd.items()}}
+    elif layout == 'training_0dim':  # the authors' training script: 0-dim tensor metrics next to state_dict
+        obj = {'epoch': 90, 'acc': torch.tensor(76.3), 'best_acc': torch.tensor(76.5),
+               'state_dict': {f'module.{k}': v for k, v in sd.items()}}
     else:  # mmcv: nested state_dict, backbone. prefix, gnX norm names
         renamed = {f'backbone.{k}'.replace('.bn', '.gn').replace('backbone.bn1', 'backbone.gn1'): v for k, v in sd.items()}
         obj = {'meta': {'mmcv_version': '1.x'}, 'state_dict': renamed}
@@ -170,6 +173,31 @@ def test_in1k_tag_reads_other_release_layouts(tmp_path, layout):
     got, expected = model.state_dict(), ref.state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_url_download_of_a_training_checkpoint_with_0dim_metrics(tmp_path, monkeypatch):
+    """The default route for URL-hosted releases (download, torch.hub cache, converter), from a local server."""
+    import functools
+    import http.server
+    import threading
+    ref = _authors_checkpoint('resnet50', 'bcn')
+    (tmp_path / 'www').mkdir()
+    _save_release(ref, tmp_path / 'www' / 'rn50_bcn_ws.pth', 'training_0dim')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / 'www'))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    try:
+        url = f'http://127.0.0.1:{server.server_address[1]}/rn50_bcn_ws.pth'
+        model = timm.create_model('resnet50_wsbcn.in1k', pretrained=True, pretrained_cfg_overlay=dict(url=url)).eval()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / 'torch' / 'hub' / 'checkpoints' / 'rn50_bcn_ws.pth').is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), rtol=1e-4, atol=1e-4)
 
 
 def test_bcn_release_matches_in_training_mode_too(tmp_path):

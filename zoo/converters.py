@@ -33,9 +33,13 @@ _MMCV_NORM = re.compile(r'(^|\.)(?:gn|norm)(\d)(?=\.)')
 
 
 def unwrap_checkpoint(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint (flat, or nested under ``state_dict`` / ``model``)."""
+    """The tensor dict inside a checkpoint (flat, or nested under ``state_dict`` / ``model``).
+
+    A nested entry wins even when the top level also holds tensors: training checkpoints keep
+    0-dim metrics such as ``acc`` / ``best_acc`` next to ``state_dict``.
+    """
     obj = checkpoint
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break

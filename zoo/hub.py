@@ -10,8 +10,9 @@ returned half-loaded:
 - keys or shapes that do not fit the model.
 
 Hub repos and folders load through timm (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``
-works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the checks above and
-clear errors for missing weights offline (``HF_HUB_OFFLINE=1``).
+works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the checks above, clear
+errors for missing weights offline (``HF_HUB_OFFLINE=1``), and fails within ``ZOO_DOWNLOAD_TIMEOUT``
+seconds when the Hub does not answer (:mod:`zoo._download`).
 """
 import hashlib
 import json
@@ -29,16 +30,19 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError
 from timm.models import is_model, split_model_name_tag
 from timm.models._hub import load_model_config_from_path, save_for_hf
 
+from zoo._download import hub_download
+
 __all__ = [
-    'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'state_dict_sha256', 'read_weights', 'check_state_dict',
-    'load_weights', 'verify_state_dict', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
+    'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
+    'checkpoint_sha256', 'verify_checkpoint', 'read_weights', 'check_state_dict',
+    'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
+    'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
     'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model',
 ]
 
@@ -47,6 +51,7 @@ _logger = logging.getLogger(__name__)
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
+CHECKPOINT_DIGEST_KEY = 'zoo_sha256'  # Lightning checkpoints the zoo writes: checkpoint_sha256 of the rest
 _REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
 
 
@@ -56,14 +61,54 @@ class WeightsError(RuntimeError):
 
 # ----------------------------------------------------------------------------------- reading
 
+def _update_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to('cpu').contiguous()
+    h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
+
+
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of every tensor (independent of file format)."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().to('cpu').contiguous()
-        h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _update_tensor(h, name, state_dict[name])
     return h.hexdigest()
+
+
+def _tensors(obj: Any, path: str):
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f'{path}/{k}')
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f'{path}/{i}')
+
+
+def checkpoint_sha256(checkpoint: Mapping[str, Any]) -> str:
+    """SHA-256 over every tensor of a Lightning checkpoint (weights, optimizer state, ...), by path."""
+    h = hashlib.sha256()
+    for path, t in _tensors({k: v for k, v in checkpoint.items() if k != CHECKPOINT_DIGEST_KEY}, ''):
+        _update_tensor(h, path, t)
+    return h.hexdigest()
+
+
+def verify_checkpoint(checkpoint: Mapping[str, Any], path: Union[str, Path]) -> None:
+    """Refuse a checkpoint whose tensors differ from the digest recorded when the zoo wrote it.
+
+    Checkpoints without a digest (written by plain Lightning, or by the zoo before it recorded
+    one) load unchecked.
+    """
+    expected = checkpoint.get(CHECKPOINT_DIGEST_KEY) if isinstance(checkpoint, Mapping) else None
+    if not expected:
+        return
+    actual = checkpoint_sha256(checkpoint)
+    if actual != expected:
+        raise WeightsError(
+            f'Checkpoint {path} does not match the digest recorded when it was written (expected sha256 '
+            f'{expected[:16]}..., got {actual[:16]}...): its tensor data was modified or corrupted on disk. '
+            f'Do not use it; resume from or load another checkpoint.')
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -137,6 +182,62 @@ def _recorded_sha256(config: Mapping[str, Any]) -> Optional[str]:
     return (config.get(ZOO_CONFIG_KEY) or {}).get('state_dict_sha256')
 
 
+# What timm builds the model from (``timm.models._hub._parse_model_cfg`` and ``load_pretrained``):
+# the architecture, its arguments (WS formula, norm args, ...), the number of classes, and where the
+# classifier and stem are. Labels, descriptions and data settings may be edited freely.
+_MODEL_CONFIG_FIELDS = ('architecture', 'num_classes', 'model_args')
+_MODEL_PRETRAINED_CFG_FIELDS = ('num_classes', 'classifier', 'first_conv', 'label_offset', 'custom_load')
+
+
+def model_config_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 over the ``config.json`` fields that define the model (not labels or descriptions)."""
+    pretrained_cfg = config.get('pretrained_cfg', config)  # timm's legacy configs are one flat dict
+    defining = {'config': {k: config.get(k) for k in _MODEL_CONFIG_FIELDS},
+                'pretrained_cfg': {k: pretrained_cfg.get(k) for k in _MODEL_PRETRAINED_CFG_FIELDS}}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+
+
+def verify_model_config(config: Mapping[str, Any], source: str) -> None:
+    """Refuse a ``config.json`` whose model-defining fields differ from those recorded at publishing time.
+
+    Folders with a weights digest but no config digest (published before the zoo recorded one)
+    load with a warning: their ``config.json`` is not protected.
+    """
+    zoo_meta = config.get(ZOO_CONFIG_KEY) or {}
+    expected = zoo_meta.get('model_config_sha256')
+    if not expected:
+        if zoo_meta.get('state_dict_sha256'):
+            _logger.warning('%s records no model_config_sha256: edits of its %s are not detected '
+                            '(re-record with `python -m zoo.hub record-digest FOLDER`).', source, CONFIG_NAME)
+        return
+    if model_config_sha256(config) != expected:
+        fields = ', '.join(list(_MODEL_CONFIG_FIELDS) + [f'pretrained_cfg.{k}' for k in _MODEL_PRETRAINED_CFG_FIELDS])
+        raise WeightsError(
+            f'The {CONFIG_NAME} of {source} was modified after publishing: the fields that define the model '
+            f'({fields}) differ from the digest recorded with it, so the weights would build another model '
+            f'than the one they were trained as. Restore the original {CONFIG_NAME}; to fine-tune with another '
+            f'number of classes, pass num_classes=... to the loader instead of editing the file.')
+
+
+def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any],
+                     num_classes: Optional[int], source: str) -> None:
+    """Refuse to drop a trained head that fits: timm replaces the classifier whenever the model's
+    ``num_classes`` differs from the config's, even when the weights' head has the model's size
+    (a ``config.json`` whose ``num_classes`` was edited). Another ``num_classes`` asked for by the
+    caller still gets a new head."""
+    classifier, n = pretrained_cfg.get('classifier'), pretrained_cfg.get('num_classes')
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    for name in names:
+        w = state_dict.get(f'{name}.weight')
+        if w is None or n is None or num_classes in (None, n) or w.ndim < 1 or w.shape[0] != num_classes:
+            continue
+        raise WeightsError(
+            f'{source}: the config says num_classes={n}, but the classifier {name}.weight in the weights has '
+            f'{w.shape[0]} outputs, the size the model was built with, so the trained head would be silently '
+            f'replaced. If {CONFIG_NAME} was edited, restore it; for a file of your own, pass '
+            f'pretrained_cfg_overlay=dict(num_classes={w.shape[0]}).')
+
+
 # ----------------------------------------------------------------------------------- saving
 
 def save_hub_folder(
@@ -161,7 +262,24 @@ def save_hub_folder(
     if label_names:
         model_config['label_names'] = list(label_names)
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    record_model_config_digest(folder, check_weights=False)  # the weights digest was just computed from the model
     return folder
+
+
+def record_model_config_digest(folder: Union[str, Path], check_weights: bool = True) -> str:
+    """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest).
+
+    :func:`save_hub_folder` calls it; run it by hand (``python -m zoo.hub record-digest FOLDER``) only
+    for a folder whose ``config.json`` is known to be the original.
+    """
+    cfg_file = Path(folder) / CONFIG_NAME
+    config = json.loads(cfg_file.read_text())
+    if check_weights:
+        verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
+    digest = model_config_sha256(config)
+    config.setdefault(ZOO_CONFIG_KEY, {})['model_config_sha256'] = digest
+    cfg_file.write_text(json.dumps(config, indent=2))  # timm's save_for_hf layout
+    return digest
 
 
 # ----------------------------------------------------------------------------------- Hub repos and folders
@@ -211,8 +329,8 @@ def _resolve_folder(source: str, revision: Optional[str], cache_dir) -> Tuple[Pa
     if '@' in repo_id:
         repo_id, revision = repo_id.split('@', 1)
     with _hub_errors(repo_id, revision):
-        cfg_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
-        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
+        cfg_file = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
+        hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
     return Path(cfg_file).parent, f'hf-hub:{repo_id}' + (f'@{revision}' if revision else '')
 
 
@@ -229,6 +347,7 @@ def load_hub_model(
     """
     folder, label = _resolve_folder(source, revision, cache_dir)
     config = json.loads((folder / CONFIG_NAME).read_text())
+    verify_model_config(config, label)
     state_dict = read_weights(folder / WEIGHTS_NAME)
     verify_state_dict(state_dict, _recorded_sha256(config), label)
     pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
@@ -311,6 +430,7 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
     ckpt = read_weights(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), Mapping):
         raise WeightsError(f'{path} is not a Lightning checkpoint (no "state_dict" entry).')
+    verify_checkpoint(ckpt, path)
     hparams = dict(ckpt.get('hyper_parameters') or {})
     monitor = best = None
     for state in (ckpt.get('callbacks') or {}).values():
@@ -381,3 +501,20 @@ def load_model(source: Union[str, Path], **kwargs) -> nn.Module:
     if Path(s).is_file():
         return load_lightning_checkpoint(s, **kwargs)
     return load_hub_model(s, **kwargs)
+
+
+def main(argv=None) -> int:
+    """``python -m zoo.hub record-digest FOLDER...``: record the config digest of original folders."""
+    import argparse
+    p = argparse.ArgumentParser(prog='python -m zoo.hub')
+    sub = p.add_subparsers(dest='command', required=True)
+    rec = sub.add_parser('record-digest', help=record_model_config_digest.__doc__.splitlines()[0])
+    rec.add_argument('folders', nargs='+')
+    args = p.parse_args(argv)
+    for folder in args.folders:
+        print(f'{folder}: model_config_sha256 {record_model_config_digest(folder)}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -15,10 +15,14 @@ When the tag's args apply (the zoo's decision):
 Explicit kwargs always win over a tag's args.
 
 Weights from a Hub repo or folder written by :func:`zoo.hub.save_hub_folder` are checked against
-the digest in its ``config.json``, and unreadable files raise :class:`zoo.hub.WeightsError`.
+the digests in its ``config.json`` (of the weights, and of the fields that define the model), a
+classifier that does not have the configured number of classes is refused rather than replaced,
+and unreadable files raise :class:`zoo.hub.WeightsError`.
 """
 import json
 import pickle
+import socket
+import urllib.error
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,31 +72,36 @@ def shipped_weights(name_with_tag: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def _recorded_digest(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[str]:
-    """Digest from the config.json next to Hub / local-dir / Hub-folder file weights, else None."""
-    from zoo.hub import CONFIG_NAME, WEIGHTS_NAME, _recorded_sha256
+def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[str, Any]]:
+    """The config.json next to Hub / local-dir / Hub-folder file weights, else None."""
+    from zoo.hub import CONFIG_NAME, WEIGHTS_NAME
     source = pretrained_cfg.get('source')
     if source == 'local-dir' and pretrained_cfg.get('file'):
         cfg_file = Path(pretrained_cfg['file']) / CONFIG_NAME
     elif not source and pretrained_cfg.get('file') and Path(pretrained_cfg['file']).name == WEIGHTS_NAME:
         cfg_file = Path(pretrained_cfg['file']).parent / CONFIG_NAME  # a file inside a Hub-ready folder
     elif source == 'hf-hub' and pretrained_cfg.get('hf_hub_id'):
-        from huggingface_hub import hf_hub_download
         from timm.models._hub import hf_split
+        from zoo._download import hub_download
         repo_id, revision = hf_split(pretrained_cfg['hf_hub_id'])
-        cfg_file = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
+        cfg_file = Path(hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
     else:
         return None
-    return _recorded_sha256(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+    return json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
 
 
 def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
     def filter_fn(state_dict, model):
-        from zoo.hub import check_state_dict, verify_state_dict
+        from zoo.hub import _recorded_sha256, check_classifier, check_state_dict, verify_model_config, verify_state_dict
         cfg = model.pretrained_cfg
-        verify_state_dict(state_dict, _recorded_digest(cfg, cache_dir), cfg.get('hf_hub_id') or cfg.get('file') or '')
+        source = cfg.get('hf_hub_id') or cfg.get('file') or ''
+        folder_config = _folder_config(cfg, cache_dir)
+        if folder_config is not None:
+            verify_model_config(folder_config, source)
+            verify_state_dict(state_dict, _recorded_sha256(folder_config), source)
         if spec is not None and spec.filter_fn is not None:
             state_dict = spec.filter_fn(state_dict, model)
+        check_classifier(state_dict, cfg, getattr(model, 'num_classes', None), source)
         # timm adapts the classifier (other num_classes) and the stem (other in_chans) after this
         # filter; check everything else up front, so a bad file never reaches load_state_dict.
         adapted = set()
@@ -104,7 +113,7 @@ def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
         expected = model.state_dict()
         check_state_dict(model, {k: v for k, v in state_dict.items() if k not in adapted}, strict=False)
         missing = [k for k in expected if k not in state_dict and k not in adapted]
-        unexpected = [k for k in state_dict if k not in expected]
+        unexpected = [k for k in state_dict if k not in expected and k not in adapted]  # num_classes=0: no fc
         if missing or unexpected:
             from zoo.hub import WeightsError
             raise WeightsError(
@@ -122,10 +131,32 @@ def _weights_location(variant: str, pretrained_cfg, overlay) -> str:
     return str(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or variant)
 
 
+def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> None:
+    """Fetch URL / Hub weights with a timeout (offline: not at all) before timm reads them from its cache."""
+    from zoo._download import fetch_url, hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models._hub import hf_split
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else resolve_pretrained_cfg(
+        variant, pretrained_cfg, overlay).to_dict()
+    load_from, where = _resolve_pretrained_source(cfg)
+    if load_from == 'url':
+        fetch_url(where, cache_dir, what=f'weights of {variant}')
+    elif load_from == 'hf-hub':
+        repo, filename = where if isinstance(where, (tuple, list)) else (where, 'model.safetensors')
+        repo_id, revision = hf_split(repo)
+        try:
+            hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+        except EntryNotFoundError:
+            pass  # another file name (pytorch_model.bin): timm looks for it
+
+
 def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretrained_cfg=None,
                     pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
     """``timm.build_model_with_cfg`` plus tag build args, layout converters and weight checks."""
     from zoo.hub import WeightsError
+    if pretrained:
+        _prefetch(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)
     spec = weight_spec_for(variant, pretrained, pretrained_cfg, pretrained_cfg_overlay)
     tag_args = deepcopy(spec.model_args) if spec else {}
     for k, v in tag_args.items():
@@ -141,11 +172,15 @@ def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretraine
         if not pretrained:
             raise
         where = _weights_location(variant, pretrained_cfg, pretrained_cfg_overlay)
+        if isinstance(e, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError)):
+            what = 'The download failed (network)'
+        else:
+            what = ('If the file is truncated or corrupted, delete it (from the HF cache or ~/.cache/torch/hub) '
+                    'and download it again')
         raise WeightsError(
-            f'Could not load the pretrained weights of {variant} from {where}: {type(e).__name__}: {e}. '
-            f'If the file is truncated or corrupted, delete it (from the HF cache or ~/.cache/torch/hub) and '
-            f'download it again; offline, download it elsewhere and pass '
-            f'pretrained_cfg_overlay=dict(file=PATH), or load a saved folder with local-dir:PATH.') from e
+            f'Could not load the pretrained weights of {variant} from {where}: {type(e).__name__}: {e}. {what}; '
+            f'offline, download it elsewhere and pass pretrained_cfg_overlay=dict(file=PATH), or load a saved '
+            f'folder with local-dir:PATH.') from e
     # Recorded as model args so that an export (timm save_for_hf) rebuilds the same model.
     model._model_args = dict(tag_args, **getattr(model, '_model_args', {}))
     return model
