@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from zoo.segmentation import create_segmenter
 from ..classification import ImageClassifier
 from ..emulation import split_devices, virtual_devices
-from ..optim import OptimConfig
+from ..optim import OptimConfig, param_ndims
 from .transforms import IGNORE_INDEX
 
 __all__ = ['SemanticSegmenter', 'segmentation_metrics', 'sliding_window_logits']
@@ -115,6 +115,8 @@ class SemanticSegmenter(pl.LightningModule):
         self.sliding_window = sliding_window
         self.sliding_stride = sliding_stride or (2 * sliding_window // 3 if sliding_window else None)
         self.backbone_lr_scale = backbone_lr_scale
+        self.param_ndims = param_ndims(self.model)  # before a strategy (FSDP) flattens the parameters
+        self.bcn_batch_stage = None  # large-batch BCN stages: estimated under 16 images per device (setup)
         self.virtual_devices = virtual_devices
         self.train_metrics = segmentation_metrics(num_classes, 'train/', ignore_index)
         self.val_metrics = segmentation_metrics(num_classes, 'val/', ignore_index)
@@ -123,6 +125,7 @@ class SemanticSegmenter(pl.LightningModule):
     # Shared with the classifier: virtual-device bookkeeping, the non-finite-loss stop, RNG states in
     # checkpoints (exact resume), optimizer and per-iteration schedule.
     setup = ImageClassifier.setup
+    _log_bcn_switch = ImageClassifier._log_bcn_switch
     _check_finite = ImageClassifier._check_finite
     on_save_checkpoint = ImageClassifier.on_save_checkpoint
     on_load_checkpoint = ImageClassifier.on_load_checkpoint
