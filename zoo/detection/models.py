@@ -137,10 +137,6 @@ def _build_detector(
 ) -> nn.Module:
     name = detector_name(task, arch, variant)
     body = _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formula, norm_kwargs, backbone_kwargs)
-    if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if pretrained_backbone else len(STAGE_NAMES)
-    freeze_stages(body, trainable_backbone_layers)
-
     if variant is None:  # BN baseline: frozen BN, plain FPN and heads (torchvision's defaults)
         body = freeze_batch_norm_2d(body)
         backbone = TimmFPNBackbone(body)
@@ -159,6 +155,9 @@ def _build_detector(
             (HEAD_CHANNELS, 7, 7), [HEAD_CHANNELS] * 4, [BOX_FC_CHANNELS], norm_layer=norm), head_ws))
         if task == 'maskrcnn':
             kwargs.setdefault('mask_head', _ws(MaskRCNNHeads(HEAD_CHANNELS, [HEAD_CHANNELS] * 4, 1, norm_layer=norm), head_ws))
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if pretrained_backbone else len(STAGE_NAMES)
+    freeze_stages(backbone.body, trainable_backbone_layers)  # after every module swap above
     return DETECTOR_TASKS[task](backbone, num_classes=num_classes, **kwargs)
 
 
