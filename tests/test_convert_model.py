@@ -214,6 +214,14 @@ def test_refuses_what_it_cannot_convert_and_names_the_modules():
         zoo.convert_model(net, 'ws_gn')
 
 
+def test_zoo_norms_are_kept_for_their_variant_and_refused_for_another():
+    model = timm.create_model('resnet18_wsbcn', norm_kwargs=dict(batch_stage='batch'))  # BCN holds a BatchNorm2d
+    bn = model.bn1.bn
+    assert zoo.convert_model(model, 'wsbcn') is model and model.bn1.bn is bn
+    with pytest.raises(ConversionError, match='bn1: BatchChannelNorm2d'):
+        zoo.convert_model(model, 'wsgn')
+
+
 def test_task_registry():
     reg = TaskRegistry('detector', 'zoo.list_detectors()')
     reg.register('maskrcnn_resnet50_fpn_wsgn', lambda **kw: nn.Identity())
