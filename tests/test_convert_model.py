@@ -47,7 +47,8 @@ def _trained_like(net: nn.Module, seed: int = 0) -> nn.Module:
             elif name.endswith('running_var'):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             elif t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1. if name.endswith('weight') and t.ndim == 1 else 0.))
+                offset = 1. if name.endswith('weight') and t.ndim == 1 else 0.  # norm scales around 1
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + offset)
     return net
 
 

@@ -118,7 +118,12 @@ def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formul
         raise ValueError(f'{name}: its backbone {backbone} is timm\'s own model, built as timm defines it; '
                          f'norm_groups / ws_formula / norm_kwargs apply to zoo backbones only')
     kwargs.update(backbone_kwargs or {})
-    return timm.create_model(**kwargs)
+    try:
+        return timm.create_model(**kwargs)
+    except WeightsError as e:
+        if pretrained_backbone is True:  # a download failed: say how a detector takes a local copy
+            raise WeightsError(f'{name}: {e} For a detector, pass pretrained_backbone=PATH.') from e
+        raise
 
 
 def _build_detector(
@@ -154,7 +159,8 @@ def _build_detector(
         kwargs.setdefault('box_head', _ws(FastRCNNConvFCHead(
             (HEAD_CHANNELS, 7, 7), [HEAD_CHANNELS] * 4, [BOX_FC_CHANNELS], norm_layer=norm), head_ws))
         if task == 'maskrcnn':
-            kwargs.setdefault('mask_head', _ws(MaskRCNNHeads(HEAD_CHANNELS, [HEAD_CHANNELS] * 4, 1, norm_layer=norm), head_ws))
+            mask_head = MaskRCNNHeads(HEAD_CHANNELS, [HEAD_CHANNELS] * 4, 1, norm_layer=norm)
+            kwargs.setdefault('mask_head', _ws(mask_head, head_ws))
     if trainable_backbone_layers is None:
         trainable_backbone_layers = 3 if pretrained_backbone else len(STAGE_NAMES)
     freeze_stages(backbone.body, trainable_backbone_layers)  # after every module swap above
