@@ -189,6 +189,17 @@ def test_no_imagenet_weights_is_a_clear_error():
         zoo.create_detector('maskrcnn_resnet50_fpn_wsgn', pretrained_backbone='/nowhere.pth')
 
 
+def test_failed_download_names_the_detector_and_the_way_out(monkeypatch):
+    import zoo.detection.models as det
+
+    def offline(**kwargs):
+        raise OSError('Name or service not known')
+    monkeypatch.setattr(det.timm, 'create_model', offline)
+    with pytest.raises(WeightsError, match=r'fasterrcnn_resnet50_fpn_wsgn: could not load .* resnet50_wsgn\.in1k: '
+                                           r'OSError: Name or service not known.*pretrained_backbone=PATH'):
+        zoo.create_detector('fasterrcnn_resnet50_fpn_wsgn', pretrained_backbone=True)
+
+
 def _ref_features(ref, x):
     """layer1..layer4 outputs of the authors'-layout reference ResNet."""
     x = torch.nn.functional.max_pool2d(torch.relu(ref.bn1(ref.conv1(x))), 3, 2, 1)

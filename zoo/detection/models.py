@@ -120,10 +120,11 @@ def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formul
     kwargs.update(backbone_kwargs or {})
     try:
         return timm.create_model(**kwargs)
-    except WeightsError as e:
-        if pretrained_backbone is True:  # a download failed: say how a detector takes a local copy
-            raise WeightsError(f'{name}: {e} For a detector, pass pretrained_backbone=PATH.') from e
-        raise
+    except (OSError, ValueError, RuntimeError) as e:  # WeightsError, a failed Hub / URL download, ...
+        if pretrained_backbone is not True:
+            raise
+        raise WeightsError(f'{name}: could not load the ImageNet weights of its backbone {kwargs["model_name"]}: '
+                           f'{type(e).__name__}: {e} Offline, pass pretrained_backbone=PATH to a local copy.') from e
 
 
 def _build_detector(
