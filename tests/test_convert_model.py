@@ -47,7 +47,8 @@ def _trained_like(net: nn.Module, seed: int = 0) -> nn.Module:
             elif name.endswith('running_var'):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             elif t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1. if name.endswith('weight') and t.ndim == 1 else 0.))
+                offset = 1. if name.endswith('weight') and t.ndim == 1 else 0.  # norm scales around 1
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + offset)
     return net
 
 
@@ -212,6 +213,14 @@ def test_refuses_what_it_cannot_convert_and_names_the_modules():
     assert isinstance(net[0], WSConv2d) and isinstance(net[3], nn.BatchNorm1d) and type(net[4]) is Conv2dSame
     with pytest.raises(ValueError, match='Unknown variant'):
         zoo.convert_model(net, 'ws_gn')
+
+
+def test_zoo_norms_are_kept_for_their_variant_and_refused_for_another():
+    model = timm.create_model('resnet18_wsbcn', norm_kwargs=dict(batch_stage='batch'))  # BCN holds a BatchNorm2d
+    bn = model.bn1.bn
+    assert zoo.convert_model(model, 'wsbcn') is model and model.bn1.bn is bn
+    with pytest.raises(ConversionError, match='bn1: BatchChannelNorm2d'):
+        zoo.convert_model(model, 'wsgn')
 
 
 def test_task_registry():

@@ -4,6 +4,7 @@
 """
 from . import layers, models
 from .convert import convert_model
+from .detection import create_detector, list_detectors
 from .export import export_for_inference
 from .factory import UnknownModelError, create_model, list_models
 from .hub import WeightsError, load_hub_model, load_lightning_checkpoint, load_model, save_hub_folder

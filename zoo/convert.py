@@ -25,7 +25,8 @@ timm ``BatchNormAct2d``, ``SyncBatchNormAct``,       :class:`NormAct2d` (the new
 ==================================================== =======================================
 
 Other ``torch.nn`` batch / instance norms (``BatchNorm1d``, ``BatchNorm3d``, ``InstanceNorm2d``, ...)
-are refused with their module names; ``LayerNorm`` is left as it is. ``exclude`` keeps modules
+are refused with their module names; ``LayerNorm`` is left as it is. The zoo's own BCN / BGN layers
+are left as they are for the same norm and refused for another. ``exclude`` keeps modules
 (fnmatch patterns on their qualified names, e.g. ``'roi_heads.box_predictor*'``) unconverted.
 
 What carries over from a source norm (frozen ones become trainable: norms are never frozen):
@@ -70,6 +71,7 @@ _STANDARDIZED_CONVS = (WSConv2d, StdConv2d, ScaledStdConv2d, StdConv2dSame)
 _BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, FrozenBatchNormAct2d)
 _GROUP_NORMS = (nn.GroupNorm,)
 _WITH_ACT = (BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d, GroupNormAct)
+_ZOO_NORMS = {BatchChannelNorm2d: 'bcn', BatchGroupNorm2d: 'bgn'}
 
 GroupsArg = Union[int, Callable[[int], int]]
 
@@ -116,13 +118,17 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 
 
 def _walk(module: nn.Module, exclude, prefix: str = ''):
-    """(parent, attribute, qualified name, child) for every module not excluded, parents first."""
+    """(parent, attribute, qualified name, child) for every module not excluded, parents first.
+
+    The inside of a zoo norm (BCN's batch stage is a BatchNorm2d) is no separate layer.
+    """
     for attr, child in module.named_children():
         name = f'{prefix}{attr}'
         if _excluded(name, exclude):
             continue
         yield module, attr, name, child
-        yield from _walk(child, exclude, name + '.')
+        if not isinstance(child, tuple(_ZOO_NORMS)):
+            yield from _walk(child, exclude, name + '.')
 
 
 def _num_channels(norm: nn.Module) -> int:
@@ -199,8 +205,11 @@ def _new_norm(src: nn.Module, norm: str, groups: int, norm_kwargs: Dict[str, Any
     return new
 
 
-def _unsupported(child: nn.Module) -> Optional[str]:
-    """Why ``child`` cannot be converted, or None when it can (or needs nothing)."""
+def _unsupported(child: nn.Module, norm: str) -> Optional[str]:
+    """Why ``child`` cannot be converted to the ``norm`` variant, or None when it can (or needs nothing)."""
+    zoo_norm = next((n for cls, n in _ZOO_NORMS.items() if isinstance(child, cls)), None)
+    if zoo_norm is not None and zoo_norm != norm:
+        return f'{type(child).__name__} (a zoo norm already; build the zoo model in the variant you want)'
     if isinstance(child, nn.Conv2d) and not isinstance(child, _STANDARDIZED_CONVS) and type(child) is not nn.Conv2d:
         return f'{type(child).__name__} (an nn.Conv2d subclass with its own forward)'
     if isinstance(child, _NormBase) and not isinstance(child, _BATCH_NORMS):
@@ -236,6 +245,8 @@ def convert_model(
             split into ``norm_groups`` groups; the message names every such module.
     """
     v = _resolve_variant(variant)
+    if running_stats not in (True, False, 'auto'):
+        raise ValueError(f"running_stats must be True, False or 'auto', got {running_stats!r}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     norm_kwargs = dict(norm_kwargs or {})
     groups_for = norm_groups if callable(norm_groups) else (lambda channels: norm_groups)
@@ -243,13 +254,13 @@ def convert_model(
     root.add_module('model', model)  # a parent for the model itself, so that it can be replaced too
     nodes = [(root, 'model', '(model)', model)] + list(_walk(model, exclude))
 
-    problems = [f'{name}: {why}' for _, _, name, child in nodes if (why := _unsupported(child))]
+    problems = [f'{name}: {why}' for _, _, name, child in nodes if (why := _unsupported(child, v.norm))]
     norms = [(p, a, n, c) for p, a, n, c in nodes if isinstance(c, _BATCH_NORMS + _GROUP_NORMS)]
     if v.norm != 'bn':
         problems += [f'{n}: {_num_channels(c)} channels do not split into {groups_for(_num_channels(c))} groups'
                      for _, _, n, c in norms if _num_channels(c) % groups_for(_num_channels(c))]
     if problems:
-        hint = ('; pass norm_groups=zoo.convert.divisor_groups(32) (or your own fn(channels) -> groups) for the '
+        hint = ('Pass norm_groups=zoo.convert.divisor_groups(32) (or your own fn(channels) -> groups) for the '
                 'channel counts, and exclude=[...] for modules to keep as they are')
         raise ConversionError(f'convert_model({type(model).__name__}, {variant!r}) cannot convert:\n  '
                               + '\n  '.join(problems) + f'\n{hint}')
