@@ -21,7 +21,6 @@ its batch statistics (BCN's estimated stage, BGN's groups) are taken over the Ro
 ``num_classes`` counts the background, torchvision's convention: 91 (the default) for COCO's
 category ids 1-90 used as labels directly, 81 for the 80 COCO categories mapped to 1-80.
 """
-import math
 import os
 from functools import partial
 from typing import Any, Dict, Optional, Union
@@ -34,7 +33,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from zoo.hub import WeightsError
-from zoo.layers import DEFAULT_WS_FORMULA, BatchChannelNorm2d, EstimatedBatchNorm2d, convert_to_ws, set_bcn_batch_stage
+from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws, set_bcn_batch_stage
 from zoo.models import NORM_VARIANTS
 from zoo.models._variants import make_norm_layer
 from zoo.models.resnet import _TIMM_OWNED
@@ -94,20 +93,6 @@ def _has_weights(name: str) -> bool:
     return f'{_backbone_name(arch, variant)}.{tag}' in timm.list_pretrained(f'{_backbone_name(arch, variant)}.*')
 
 
-def _start_estimates_from_running_stats(model: nn.Module) -> None:
-    """Let estimated BCN stages switched from pretrained batch stages keep their ImageNet statistics.
-
-    ``set_bcn_batch_stage`` copies the batch stage's ``num_batches_tracked``; the estimated stage's
-    warm-up (rate ``1 / (t + 1)``) would replace the statistics by the first batch's if that count
-    were small (a release without the counter), so it is raised to where the rate is the momentum.
-    """
-    for m in model.modules():
-        if isinstance(m, BatchChannelNorm2d) and isinstance(m.bn, EstimatedBatchNorm2d):
-            floor = math.ceil(1. / m.bn.momentum)
-            if int(m.bn.num_batches_tracked) < floor:
-                m.bn.num_batches_tracked.fill_(floor)
-
-
 def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formula, norm_kwargs, backbone_kwargs):
     backbone = _backbone_name(arch, variant)
     kwargs = dict(model_name=backbone, features_only=True, out_indices=FEATURE_INDICES)
@@ -158,9 +143,7 @@ def _build_detector(
         head_norm_kwargs = dict(norm_kwargs or {})
         if v.norm == 'bcn':
             head_norm_kwargs['batch_stage'] = bcn_batch_stage
-            set_bcn_batch_stage(body, bcn_batch_stage)
-            if pretrained_backbone:
-                _start_estimates_from_running_stats(body)
+            set_bcn_batch_stage(body, bcn_batch_stage)  # pretrained statistics become the estimates
         norm = make_norm_layer(v.norm, norm_groups, head_norm_kwargs)
         head_ws = (ws_formula or DEFAULT_WS_FORMULA) if v.ws else None
         backbone = TimmFPNBackbone(body, norm_layer=norm, ws_formula=head_ws)

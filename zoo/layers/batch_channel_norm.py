@@ -20,6 +20,8 @@ read of ``x`` gives those moments (and the estimates' update), one pass writes `
 (:class:`_FusedBCN`) needs two reductions and one pass, and saves only ``x``. The plain two-stage
 path is kept for a ``'batch'`` stage in training and when the batch stage has hooks.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -231,7 +233,10 @@ class _FusedBCN(torch.autograd.Function):
 def set_bcn_batch_stage(model: nn.Module, batch_stage: str, momentum=None) -> nn.Module:
     """Switch every BCN layer of ``model`` to ``batch_stage``, keeping its learned state.
 
-    For example, fine-tune at 2 images per device a model trained with large-batch BCN.
+    For example, fine-tune at 2 images per device a model trained with large-batch BCN. Trained
+    running statistics become the estimates and count as trained: the estimated stage's warm-up
+    (rate ``1 / (t + 1)``) would replace them by the first batch's statistics, so a small update
+    count (a release without the counter) is raised to where the rate is the momentum.
     """
     for m in model.modules():
         if isinstance(m, BatchChannelNorm2d) and m.batch_stage != batch_stage:
@@ -239,6 +244,10 @@ def set_bcn_batch_stage(model: nn.Module, batch_stage: str, momentum=None) -> nn
             ref = old.weight if old.weight is not None else old.running_mean
             new = _make_batch_stage(batch_stage, m.num_channels, m.eps, momentum, {'device': ref.device, 'dtype': ref.dtype})
             new.load_state_dict(old.state_dict())
+            trained = bool(old.num_batches_tracked > 0) or bool((old.running_mean != 0).any() | (old.running_var != 1).any())
+            if isinstance(new, EstimatedBatchNorm2d) and trained:
+                floor = math.ceil(1. / new.momentum)
+                new.num_batches_tracked.clamp_(min=floor)
             new.train(old.training)
             m.bn = new
             m.batch_stage = batch_stage

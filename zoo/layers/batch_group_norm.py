@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nonfinite_stats import keep_finite_update, register_skip_counter
+from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
 __all__ = ['BatchGroupNorm2d']
 
@@ -59,6 +59,10 @@ class BatchGroupNorm2d(nn.Module):
     def extra_repr(self) -> str:
         return (f'{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, '
                 f'track_running_stats={self.track_running_stats}')
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        load_skip_counter(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nonfinite_stats import keep_finite_update, register_skip_counter
+from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
 __all__ = ['EstimatedBatchNorm2d', 'sample_channel_moments']
 
@@ -109,6 +109,10 @@ class EstimatedBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}'
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        load_skip_counter(self)
 
     @torch.no_grad()
     def update_estimates(self, x: torch.Tensor) -> None:

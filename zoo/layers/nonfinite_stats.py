@@ -51,6 +51,17 @@ def register_skip_counter(module: nn.Module, device=None) -> None:
     module.layer_name = None
 
 
+def load_skip_counter(module: nn.Module) -> None:
+    """Give the counter a real device after a ``load_state_dict(..., assign=True)`` into a ``meta`` model.
+
+    Non-persistent buffers are not in checkpoints, so assigning the loaded tensors leaves this
+    one on ``meta``; it starts again at 0 beside the running statistics.
+    """
+    counter, ref = getattr(module, 'num_skipped_updates', None), getattr(module, 'running_mean', None)
+    if isinstance(counter, torch.Tensor) and counter.is_meta and isinstance(ref, torch.Tensor) and not ref.is_meta:
+        module.num_skipped_updates = torch.zeros((), dtype=torch.long, device=ref.device)
+
+
 def keep_finite_update(
         module: nn.Module,
         finite: torch.Tensor,
