@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from lightning.pytorch.utilities import rank_zero_info
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
@@ -197,6 +198,11 @@ class ImageFolderDataModule(ImageDataModule):
 
     Training: RandomResizedCrop(``input_size``, ``scale``) + horizontal flip (colour jitter and
     auto-augment off unless asked). Eval: resize to ``input_size / crop_pct`` + center crop.
+
+    ``input_size``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` left at None come from
+    the model's pretrained config (timm's ``resolve_data_config``), so fine-tuned weights see the
+    preprocessing they were trained with (CIFAR statistics for the shipped CIFAR weights, ImageNet's
+    for the ImageNet ones); without a model, ImageNet's defaults. What was used is logged.
     """
 
     def __init__(
@@ -205,15 +211,15 @@ class ImageFolderDataModule(ImageDataModule):
             train_dir: str = 'train',
             val_dir: str = 'val',
             test_dir: Optional[str] = None,
-            input_size: int = 224,
-            crop_pct: float = 0.875,
+            input_size: Optional[int] = None,
+            crop_pct: Optional[float] = None,
             scale: Sequence[float] = (0.08, 1.0),
             hflip: float = 0.5,
             color_jitter: Optional[float] = None,
             auto_augment: Optional[str] = None,
-            interpolation: str = 'bilinear',
-            mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-            std: Sequence[float] = IMAGENET_DEFAULT_STD,
+            interpolation: Optional[str] = None,
+            mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None,
             train_per_class: Optional[int] = None,
             val_per_class: Optional[int] = None,
             **kwargs,
@@ -222,11 +228,37 @@ class ImageFolderDataModule(ImageDataModule):
         self.root = root
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir or val_dir
         self.train_per_class, self.val_per_class = train_per_class, val_per_class
-        common = dict(input_size=input_size, interpolation=interpolation, mean=tuple(mean), std=tuple(std))
-        self.train_transform = create_transform(
-            is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment,
-            **common)
-        self.eval_transform = create_transform(is_training=False, crop_pct=crop_pct, **common)
+        self.preprocessing = dict(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+        self.augmentation = dict(scale=tuple(scale), hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment)
+        self.build_transforms()
+
+    def data_config(self, model=None) -> dict:
+        """The given preprocessing, the rest from ``model``'s pretrained config (ImageNet's without a model)."""
+        resolved = resolve_data_config({'in_chans': 3}, model=model)  # timm's ImageNet defaults without a model
+        cfg = {k: resolved[k] for k in ('crop_pct', 'interpolation', 'mean', 'std')}
+        cfg['input_size'] = resolved['input_size'][-1]
+        cfg.update({k: v for k, v in self.preprocessing.items() if v is not None})
+        cfg['mean'], cfg['std'] = tuple(cfg['mean']), tuple(cfg['std'])
+        return cfg
+
+    def build_transforms(self, model=None) -> dict:
+        cfg = self.data_config(model)
+        common = {k: cfg[k] for k in ('input_size', 'interpolation', 'mean', 'std')}
+        self.train_transform = create_transform(is_training=True, **self.augmentation, **common)
+        self.eval_transform = create_transform(is_training=False, crop_pct=cfg['crop_pct'], **common)
+        return cfg
+
+    def setup(self, stage: str) -> None:
+        module = getattr(self.trainer, 'lightning_module', None) if self.trainer is not None else None
+        model = getattr(module, 'model', None)
+        if model is not None and getattr(model, 'pretrained_cfg', None):
+            cfg = self.build_transforms(model)
+            given = [k for k, v in self.preprocessing.items() if v is not None]
+            rank_zero_info(
+                f"{type(self).__name__} preprocessing: input {cfg['input_size']}, crop_pct {cfg['crop_pct']}, "
+                f"{cfg['interpolation']}, mean {cfg['mean']}, std {cfg['std']} (from the model's pretrained config"
+                + (f"; given: {', '.join(given)})" if given else ')'))
+        super().setup(stage)
 
     def build_datasets(self, stage: str):
         root = resolve_path(self.root)
