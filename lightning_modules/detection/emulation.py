@@ -90,11 +90,11 @@ def detector_virtual_devices(model: nn.Module, num_devices: int) -> Iterator[nn.
                     continue
                 sizes = RoiDeviceSizes(num_devices)
                 hooks.append(pool.register_forward_pre_hook(sizes))
-                for parent in head.modules():
-                    for child_name, child in parent.named_children():
-                        if is_batch_dependent(child):
-                            swapped.append((parent, child_name, child))
-                            setattr(parent, child_name, RoiDeviceNorm(child, sizes))
+                found = [(parent, child_name, child) for parent in head.modules()
+                         for child_name, child in parent.named_children() if is_batch_dependent(child)]
+                for parent, child_name, child in found:
+                    setattr(parent, child_name, RoiDeviceNorm(child, sizes))
+                swapped += found
             if roi_heads is not None:
                 for module in roi_heads.modules():
                     if is_batch_dependent(module) and not any(module is s[2] for s in swapped):

@@ -18,7 +18,7 @@
   is saved in checkpoints, so ``predict`` on unlabeled images writes the original ids.
 """
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -78,7 +78,7 @@ class DetectionModule(pl.LightningModule):
             self,
             model_name: str = 'maskrcnn_resnet50_fpn_wsgn',
             num_classes: int = 81,
-            pretrained_backbone: bool = False,
+            pretrained_backbone: Union[bool, str] = False,
             model_kwargs: Optional[Dict[str, Any]] = None,
             virtual_devices: Optional[int] = None,
             lr: float = 0.02,

@@ -107,7 +107,7 @@ class DetectionWriter(BasePredictionWriter):
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix('.json').write_text(json.dumps(pred['results']))
             if self.draw:
-                image = torch.from_numpy(np.asarray(load_rgb(path))).permute(2, 0, 1).contiguous()
+                image = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous()
                 write_png(draw_detections(image, pred['results'], categories, self.score_threshold),
                           str(out.with_suffix('.png')))
             self.written += 1
