@@ -3,6 +3,8 @@
 ``import zoo`` registers every zoo model in timm, so ``timm.create_model('resnet50_wsbcn')`` works.
 """
 from . import layers, models
+from .convert import convert_model
+from .detection import create_detector, list_detectors
 from .export import export_for_inference
 from .factory import UnknownModelError, create_model, list_models
 from .hub import WeightsError, load_hub_model, load_lightning_checkpoint, load_model, save_hub_folder

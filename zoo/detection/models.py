@@ -1,0 +1,212 @@
+"""Faster R-CNN and Mask R-CNN with FPN and a zoo backbone, by name.
+
+Names: ``{fasterrcnn,maskrcnn}_{arch}_fpn[_{variant}]``, e.g. ``maskrcnn_resnet50_fpn_wsbcn``:
+
+- ``arch``: a zoo ImageNet architecture, one of :data:`DETECTOR_ARCHS`;
+- ``variant``: a zoo normalization variant (``wsbcn``, ``wsgn``, ``wsbgn``, ``wsbn``, ``bcn``,
+  ``gn``, ``bgn``). The backbone is the zoo model ``{arch}_{variant}`` (timm ``features_only``), and
+  the FPN, the box head (4 convs of 256 channels + 1 fc of 1024, torchvision's
+  ``FastRCNNConvFCHead``) and the mask head (4 convs, ``MaskRCNNHeads``) use the same variant:
+  WS convs (for ``ws*``) and its norm, as the paper's "GN+WS everywhere" models. The RPN head
+  (one 3x3 conv) and the predictors stay plain, as in the paper and mmdet's ``gn+ws`` configs.
+- no variant (``maskrcnn_resnet50_fpn``): the BN baseline, torchvision's ``maskrcnn_resnet50_fpn``
+  design: a frozen-BN backbone (timm ``{arch}`` with ``FrozenBatchNorm2d``), FPN without norm,
+  torchvision's two-fc box head and plain 4-conv mask head.
+
+A BCN or BGN layer in the box and mask heads sees the (num_rois, 256, 7x7 or 14x14) RoI features:
+its batch statistics (BCN's estimated stage, BGN's groups) are taken over the RoIs of the batch.
+
+``num_classes`` counts the background, torchvision's convention: 91 (the default) for COCO's
+category ids 1-90 used as labels directly, 81 for the 80 COCO categories mapped to 1-80.
+"""
+import math
+import os
+from functools import partial
+from typing import Any, Dict, Optional, Union
+
+import timm
+import torch.nn as nn
+from timm.layers import freeze_batch_norm_2d
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+
+from zoo.hub import WeightsError
+from zoo.layers import DEFAULT_WS_FORMULA, BatchChannelNorm2d, EstimatedBatchNorm2d, convert_to_ws, set_bcn_batch_stage
+from zoo.models import NORM_VARIANTS
+from zoo.models._variants import make_norm_layer
+from zoo.models.resnet import _TIMM_OWNED
+from zoo.task_registry import TaskRegistry
+from .backbone import STAGE_NAMES, TimmFPNBackbone, freeze_stages
+
+__all__ = ['DETECTORS', 'DETECTOR_ARCHS', 'create_detector', 'list_detectors', 'detector_name']
+
+DETECTORS = TaskRegistry('detector', 'zoo.list_detectors()')
+
+# The paper's four COCO backbones (those with the authors' ImageNet weights), and ResNet-18 as a
+# small one for CPU runs and tests.
+DETECTOR_ARCHS = ('resnet18', 'resnet50', 'resnet101', 'resnext50_32x4d', 'resnext101_32x4d')
+DETECTOR_TASKS = {'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN}
+FEATURE_INDICES = (1, 2, 3, 4)  # layer1..layer4 of a ResNet: strides 4, 8, 16, 32
+HEAD_CHANNELS = 256
+BOX_FC_CHANNELS = 1024
+BASELINE_TAG = 'tv_in1k'  # torchvision's ImageNet weights, as torchvision's own baseline uses
+ZOO_TAG = 'in1k'  # the authors' GN+WS / BCN+WS ImageNet releases
+
+
+def detector_name(task: str, arch: str, variant: Optional[str] = None) -> str:
+    return f'{task}_{arch}_fpn' + (f'_{variant}' if variant else '')
+
+
+def _backbone_name(arch: str, variant: Optional[str]) -> str:
+    return f'{arch}_{variant}' if variant else arch
+
+
+def _pretrained_source(name: str, backbone: str, variant: Optional[str], pretrained) -> Dict[str, Any]:
+    """timm kwargs that load the backbone's ImageNet weights, or a clear error when there are none."""
+    if not pretrained:
+        return {}
+    tag = BASELINE_TAG if variant is None else ZOO_TAG
+    tagged = f'{backbone}.{tag}'
+    has_tag = tagged in timm.list_pretrained(f'{backbone}.*')
+    if isinstance(pretrained, (str, os.PathLike)):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f'{name}: pretrained_backbone file {pretrained} does not exist')
+        # A local copy: the tag's converter and build args apply when the tag exists (e.g. an authors' file).
+        return dict(model_name=tagged if has_tag else backbone, pretrained=True,
+                    pretrained_cfg_overlay=dict(file=str(pretrained)))
+    if not has_tag:
+        with_weights = [n for n in DETECTORS.list() if _has_weights(n)]
+        raise WeightsError(
+            f'{name}: no ImageNet weights for its backbone {backbone} (no {tagged} in timm / the zoo). Detectors '
+            f'whose backbones have them: {", ".join(with_weights)}. Or pass pretrained_backbone=PATH to a local '
+            f'file of {backbone} weights.')
+    return dict(model_name=tagged, pretrained=True)
+
+
+def _has_weights(name: str) -> bool:
+    task, rest = name.split('_', 1)
+    arch, _, variant = rest.partition('_fpn')
+    variant = variant.lstrip('_') or None
+    tag = BASELINE_TAG if variant is None else ZOO_TAG
+    return f'{_backbone_name(arch, variant)}.{tag}' in timm.list_pretrained(f'{_backbone_name(arch, variant)}.*')
+
+
+def _start_estimates_from_running_stats(model: nn.Module) -> None:
+    """Let estimated BCN stages switched from pretrained batch stages keep their ImageNet statistics.
+
+    ``set_bcn_batch_stage`` copies the batch stage's ``num_batches_tracked``; the estimated stage's
+    warm-up (rate ``1 / (t + 1)``) would replace the statistics by the first batch's if that count
+    were small (a release without the counter), so it is raised to where the rate is the momentum.
+    """
+    for m in model.modules():
+        if isinstance(m, BatchChannelNorm2d) and isinstance(m.bn, EstimatedBatchNorm2d):
+            floor = math.ceil(1. / m.bn.momentum)
+            if int(m.bn.num_batches_tracked) < floor:
+                m.bn.num_batches_tracked.fill_(floor)
+
+
+def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formula, norm_kwargs, backbone_kwargs):
+    backbone = _backbone_name(arch, variant)
+    kwargs = dict(model_name=backbone, features_only=True, out_indices=FEATURE_INDICES)
+    kwargs.update(_pretrained_source(name, backbone, variant, pretrained_backbone))
+    zoo_args = dict(norm_groups=norm_groups, ws_formula=ws_formula, norm_kwargs=norm_kwargs)
+    if variant is not None and backbone not in _TIMM_OWNED:
+        # The zoo's own model: explicit args win over a pretrained tag's (which may set ws_formula, batch stage).
+        kwargs.update({k: v for k, v in zoo_args.items() if v is not None})
+    elif ws_formula is not None or norm_kwargs or norm_groups != 32:
+        raise ValueError(f'{name}: its backbone {backbone} is timm\'s own model, built as timm defines it; '
+                         f'norm_groups / ws_formula / norm_kwargs apply to zoo backbones only')
+    kwargs.update(backbone_kwargs or {})
+    try:
+        return timm.create_model(**kwargs)
+    except WeightsError as e:
+        if pretrained_backbone is True:  # a download failed: say how a detector takes a local copy
+            raise WeightsError(f'{name}: {e} For a detector, pass pretrained_backbone=PATH.') from e
+        raise
+
+
+def _build_detector(
+        task: str,
+        arch: str,
+        variant: Optional[str],
+        num_classes: int = 91,
+        pretrained_backbone: Union[bool, str, os.PathLike] = False,
+        trainable_backbone_layers: Optional[int] = None,
+        norm_groups: int = 32,
+        ws_formula: Optional[str] = None,
+        norm_kwargs: Optional[Dict[str, Any]] = None,
+        bcn_batch_stage: str = 'estimated',
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> nn.Module:
+    name = detector_name(task, arch, variant)
+    body = _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formula, norm_kwargs, backbone_kwargs)
+    if variant is None:  # BN baseline: frozen BN, plain FPN and heads (torchvision's defaults)
+        body = freeze_batch_norm_2d(body)
+        backbone = TimmFPNBackbone(body)
+    else:
+        v = NORM_VARIANTS[variant]
+        head_norm_kwargs = dict(norm_kwargs or {})
+        if v.norm == 'bcn':
+            head_norm_kwargs['batch_stage'] = bcn_batch_stage
+            set_bcn_batch_stage(body, bcn_batch_stage)
+            if pretrained_backbone:
+                _start_estimates_from_running_stats(body)
+        norm = make_norm_layer(v.norm, norm_groups, head_norm_kwargs)
+        head_ws = (ws_formula or DEFAULT_WS_FORMULA) if v.ws else None
+        backbone = TimmFPNBackbone(body, norm_layer=norm, ws_formula=head_ws)
+        kwargs.setdefault('box_head', _ws(FastRCNNConvFCHead(
+            (HEAD_CHANNELS, 7, 7), [HEAD_CHANNELS] * 4, [BOX_FC_CHANNELS], norm_layer=norm), head_ws))
+        if task == 'maskrcnn':
+            mask_head = MaskRCNNHeads(HEAD_CHANNELS, [HEAD_CHANNELS] * 4, 1, norm_layer=norm)
+            kwargs.setdefault('mask_head', _ws(mask_head, head_ws))
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if pretrained_backbone else len(STAGE_NAMES)
+    freeze_stages(backbone.body, trainable_backbone_layers)  # after every module swap above
+    return DETECTOR_TASKS[task](backbone, num_classes=num_classes, **kwargs)
+
+
+def _ws(head: nn.Module, ws_formula: Optional[str]) -> nn.Module:
+    return convert_to_ws(head, ws_formula) if ws_formula is not None else head
+
+
+def create_detector(name: str, num_classes: int = 91, pretrained_backbone: Union[bool, str, os.PathLike] = False,
+                    **kwargs) -> nn.Module:
+    """A torchvision ``FasterRCNN`` / ``MaskRCNN`` by zoo name (see :func:`list_detectors`).
+
+    Args:
+        name: e.g. ``'maskrcnn_resnet50_fpn_wsbcn'``; an unknown name raises
+            :class:`zoo.UnknownModelError` with close matches.
+        num_classes: classes *including the background* (torchvision's convention; label 0 is
+            the background): 91 for COCO category ids, 81 for the 80 categories numbered 1-80.
+        pretrained_backbone: ``True`` loads the backbone's ImageNet weights: the authors' ``.in1k``
+            release for a zoo variant (GN+WS, BCN+WS), torchvision's ``.tv_in1k`` for the BN
+            baseline; a backbone without such weights raises :class:`zoo.WeightsError`. A path loads
+            a local file instead (the release's own layout is converted, as for the ``.in1k`` tag).
+        trainable_backbone_layers: how many of the five backbone stages (stem, layer1..4, counted
+            from the last) train; default 3 (stem and layer1 frozen, Detectron's default) with a
+            pretrained backbone, else 5. Norms stay GN / BCN / BGN; only parameters are frozen.
+        norm_groups: groups of GN / BCN / BGN, in the backbone and the heads (default 32).
+        ws_formula: WS formula of the heads and, when given, the backbone (default: the pretrained
+            tag's formula for the backbone, the zoo's for the heads).
+        norm_kwargs: extra kwargs of every norm layer, e.g. ``dict(momentum=0.001)`` for BCN.
+        bcn_batch_stage: BCN's batch stage everywhere, ``'estimated'`` (default: micro-batches; a
+            pretrained large-batch BCN backbone is switched, its estimates starting from the
+            ImageNet running statistics) or ``'batch'`` (large batches per device).
+        backbone_kwargs: extra kwargs of ``timm.create_model`` for the backbone.
+        **kwargs: passed to torchvision's ``FasterRCNN`` / ``MaskRCNN``: ``min_size``, ``max_size``,
+            ``image_mean``, ``image_std``, ``rpn_anchor_generator``, ``box_detections_per_img``, ...
+    """
+    return DETECTORS.create(name, num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
+
+
+def list_detectors(filter: str = '') -> list:
+    """Registered detector names, optionally filtered by a wildcard (``'maskrcnn_*_wsbcn'``)."""
+    return DETECTORS.list(filter)
+
+
+for _task in DETECTOR_TASKS:
+    for _arch in DETECTOR_ARCHS:
+        for _variant in (None, *NORM_VARIANTS):
+            DETECTORS.register(detector_name(_task, _arch, _variant), partial(_build_detector, _task, _arch, _variant))
