@@ -39,17 +39,10 @@ _MODEL_TARGET_KEYS = ('boxes', 'labels', 'masks')
 _EVAL_TARGET_KEYS = ('boxes', 'labels', 'masks', 'iscrowd', 'area')
 
 
-def create_detector(model_name: str, num_classes: int, pretrained_backbone: bool = False, **kwargs) -> nn.Module:
+def create_detector(model_name: str, num_classes: int, pretrained_backbone: Union[bool, str] = False,
+                    **kwargs) -> nn.Module:
     """The detector for ``model_name``: ``zoo.create_detector`` (names: ``zoo.list_detectors()``)."""
-    if hasattr(zoo, 'create_detector'):
-        return zoo.create_detector(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone,
-                                   **kwargs)
-    # Until the zoo's detector registry lands: torchvision's builders (no downloaded weights).
-    import torchvision
-    if pretrained_backbone:
-        raise ValueError('pretrained_backbone needs zoo.create_detector')
-    return torchvision.models.detection.__dict__[model_name](weights=None, weights_backbone=None,
-                                                             num_classes=num_classes, **kwargs)
+    return zoo.create_detector(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
 
 
 def _has_masks(model: nn.Module) -> bool:
@@ -63,7 +56,8 @@ class DetectionModule(pl.LightningModule):
     Args:
         model_name: a detector name (``zoo.list_detectors()``), e.g. ``maskrcnn_resnet50_fpn_wsbcn``.
         num_classes: including the background (COCO: 81); checked against the DataModule's.
-        pretrained_backbone: start the backbone from its ImageNet weights.
+        pretrained_backbone: start the backbone from its ImageNet weights (True: the zoo's tag; a
+            path: a local copy of them), see ``zoo.create_detector``.
         model_kwargs: more keyword arguments of the detector (torchvision's ``MaskRCNN`` ones,
             e.g. ``box_batch_size_per_image``). ``min_size`` / ``max_size`` come from the DataModule.
         virtual_devices: K devices emulated per process; None: the DataModule's.
