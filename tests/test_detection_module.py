@@ -98,6 +98,9 @@ def test_fit_reports_box_and_mask_ap_through_the_cli(tmp_path, monkeypatch, caps
     assert (tmp_path / 'run' / 'checkpoints' / 'last.ckpt').is_file()
     ckpt = torch.load(tmp_path / 'run' / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
     assert len(ckpt['coco_categories']) == 80 and ckpt['coco_categories'][-1]['id'] == 90
+    loaded = DetectionModule.load_from_checkpoint(tmp_path / 'run' / 'checkpoints' / 'last.ckpt')
+    assert loaded.categories.category_id(80) == 90 and loaded.categories.name(1) == 'person'
+    assert loaded.model.transform.min_size == (64,) and loaded.model.transform.max_size == 96  # as trained
 
 
 def _six_images(root: Path) -> Path:
@@ -169,6 +172,27 @@ def test_bcn_detector_evaluates_an_image_without_detections():
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64)])
     assert len(out[0]['boxes']) == 0 and out[0]['masks'].shape[0] == 0
+
+
+def test_schedule_warms_up_by_iterations_and_decays_at_the_milestone_epochs():
+    from lightning_modules.detection.module import optim_config
+    from lightning_modules.optim import create_optimizer, create_scheduler
+    cfg = optim_config(lr=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=20, warmup_factor=0.001,
+                       schedule='multistep', milestones=(0.6, 0.7), decay_rate=0.1, steps_per_epoch=50)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    opt = create_optimizer(net, cfg)
+    sched = create_scheduler(opt, cfg, num_epochs=40 / 50, steps_per_epoch=50)
+    lrs = {}
+    for step in (0, 10, 20, 29, 30, 34, 35, 39):
+        sched.step_update(num_updates=step)
+        lrs[step] = opt.param_groups[0]['lr']
+    assert lrs[0] == pytest.approx(2e-5) and lrs[10] == pytest.approx(0.01001, rel=1e-3)
+    assert lrs[20] == lrs[29] == pytest.approx(0.02)
+    assert lrs[30] == lrs[34] == pytest.approx(0.002) and lrs[35] == lrs[39] == pytest.approx(0.0002)
+    decay = {g['name']: g['weight_decay'] for g in opt.param_groups}
+    assert decay == {'backbone_decay': 1e-4, 'backbone_no_decay': 0.}  # norms and biases undecayed
+    with pytest.raises(ValueError, match='inside the warm-up'):
+        optim_config(0.02, 0.9, 1e-4, 500, 0.001, 'multistep', (0.5,), 0.1, steps_per_epoch=100)
 
 
 # -- device emulation ------------------------------------------------------------------------------------

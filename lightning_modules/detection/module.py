@@ -33,7 +33,7 @@ from .data import CocoCategories
 from .emulation import detector_virtual_devices
 from .predict import coco_results
 
-__all__ = ['create_detector', 'DetectionModule']
+__all__ = ['create_detector', 'optim_config', 'DetectionModule']
 
 _MODEL_TARGET_KEYS = ('boxes', 'labels', 'masks')
 _EVAL_TARGET_KEYS = ('boxes', 'labels', 'masks', 'iscrowd', 'area')
@@ -43,6 +43,24 @@ def create_detector(model_name: str, num_classes: int, pretrained_backbone: Unio
                     **kwargs) -> nn.Module:
     """The detector for ``model_name``: ``zoo.create_detector`` (names: ``zoo.list_detectors()``)."""
     return zoo.create_detector(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
+
+
+def optim_config(lr: float, momentum: float, weight_decay: float, warmup_steps: int, warmup_factor: float,
+                 schedule: str, milestones: Sequence[float], decay_rate: float, steps_per_epoch: int) -> OptimConfig:
+    """The detection recipe as an :class:`OptimConfig`: warm-up in iterations, milestones in epochs from the start.
+
+    The shared scheduler counts milestones from the end of the warm-up (timm's ``warmup_prefix``),
+    so they are shifted by its length here: a milestone at epoch 16 decays at epoch 16 exactly.
+    """
+    warmup_epochs = warmup_steps / steps_per_epoch
+    early = [m for m in milestones if m <= warmup_epochs]
+    if schedule == 'multistep' and early:
+        raise ValueError(f'milestones {early} (epochs) fall inside the warm-up of {warmup_steps} steps '
+                         f'({warmup_epochs:.3g} epochs of {steps_per_epoch} steps)')
+    return OptimConfig(
+        optimizer='sgd', lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        warmup_epochs=warmup_epochs, warmup_lr=lr * warmup_factor,
+        milestones=tuple(m - warmup_epochs for m in milestones), decay_rate=decay_rate)
 
 
 def _has_masks(model: nn.Module) -> bool:
@@ -95,6 +113,7 @@ class DetectionModule(pl.LightningModule):
         self.virtual_devices = virtual_devices
         self.seed = seed
         self.categories: Optional[CocoCategories] = None
+        self._sizes_from_data = False
         iou_type = ('bbox', 'segm') if _has_masks(self.model) else 'bbox'
         self.val_map = MeanAveragePrecision(iou_type=iou_type, backend='pycocotools')
         self.test_map = MeanAveragePrecision(iou_type=iou_type, backend='pycocotools')
@@ -127,6 +146,7 @@ class DetectionModule(pl.LightningModule):
                                  f'set it on the DataModule only')
         self.model.transform.min_size = (int(min_size),)
         self.model.transform.max_size = int(max_size)
+        self._sizes_from_data = True
 
     def _seed(self) -> int:
         if self.seed is not None:
@@ -228,10 +248,8 @@ class DetectionModule(pl.LightningModule):
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) \
             if batches not in (None, float('inf')) else total_steps
         hp = self.hparams
-        cfg = OptimConfig(
-            optimizer='sgd', lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, schedule=hp.schedule,
-            warmup_epochs=hp.warmup_steps / steps_per_epoch, warmup_lr=hp.lr * hp.warmup_factor,
-            milestones=tuple(hp.milestones), decay_rate=hp.decay_rate)
+        cfg = optim_config(hp.lr, hp.momentum, hp.weight_decay, hp.warmup_steps, hp.warmup_factor, hp.schedule,
+                           hp.milestones, hp.decay_rate, steps_per_epoch)
         optimizer = create_optimizer(self.model, cfg)
         scheduler = create_scheduler(optimizer, cfg, total_steps / steps_per_epoch, steps_per_epoch)
         return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
@@ -239,11 +257,17 @@ class DetectionModule(pl.LightningModule):
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)
 
-    # -- checkpoints: the category mapping travels with the weights ---------------------------------
+    # -- checkpoints: the category mapping and input size travel with the weights ----------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         if self.categories is not None:
             checkpoint['coco_categories'] = self.categories.to_list()
+        transform = self.model.transform
+        checkpoint['detector_input_size'] = {'min_size': list(transform.min_size), 'max_size': transform.max_size}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         if checkpoint.get('coco_categories'):
             self.categories = CocoCategories(checkpoint['coco_categories'])
+        size = checkpoint.get('detector_input_size')
+        if size and not self._sizes_from_data:  # e.g. load_from_checkpoint: resize as in training
+            self.model.transform.min_size = tuple(size['min_size'])
+            self.model.transform.max_size = size['max_size']
