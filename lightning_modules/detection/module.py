@@ -237,9 +237,9 @@ class DetectionModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> List[Dict[str, Any]]:
         images, infos = batch
         outputs = self.model(images)
-        return [{'path': info['path'], 'image_id': info['image_id'], 'size': tuple(img.shape[-2:]),
+        return [{'path': info['path'], 'image_id': info['image_id'],
                  'results': coco_results(out, info['image_id'], self.categories, self.hparams.mask_threshold)}
-                for img, info, out in zip(images, infos, outputs)]
+                for info, out in zip(infos, outputs)]
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self):
