@@ -245,6 +245,11 @@ class DetectionModule(pl.LightningModule):
     def configure_optimizers(self):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         batches = self.trainer.num_training_batches
+        sampler = getattr(self.trainer.datamodule, 'train_sampler', None)
+        if batches == float('inf') and callable(sampler):
+            # max_steps without max_epochs: Lightning has not loaded the training data yet (and loading it
+            # here would skip a resumed loader's position), so count the batches of an epoch from the sampler.
+            batches = sampler().batches_per_epoch
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) \
             if batches not in (None, float('inf')) else total_steps
         hp = self.hparams
