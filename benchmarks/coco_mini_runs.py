@@ -12,7 +12,7 @@ whose fit already logged its final validation is not run again (delete its folde
 Each run is ordinary CLI output under ``--out/<detector>/`` (``before/`` and ``fit/`` CSV logs,
 ``checkpoints/``). Extra arguments after ``--`` go to both commands, for example a quick check:
 
-    python benchmarks/coco_mini_runs.py --out /tmp/cm -- --trainer.max_steps 5 --trainer.val_check_interval 5 \\
+    python benchmarks/coco_mini_runs.py --out /tmp/cm -- --trainer.max_steps 2 --trainer.val_check_interval 2 \\
         --trainer.limit_val_batches 2
 
 No pretrained weights are available offline, so these runs start from random initialisation
@@ -45,8 +45,14 @@ def last_metrics(log_root: Path) -> Optional[Dict[str, float]]:
             for row in csv.DictReader(f):
                 if row.get('val/bbox_map'):
                     found = {k: float(row[k]) for k in METRICS if row.get(k)}
-                    found['step'] = int(row['step']) if row.get('step') else None
     return found
+
+
+def trained_steps(checkpoint: Path) -> Optional[int]:
+    if not checkpoint.is_file():
+        return None
+    import torch
+    return int(torch.load(checkpoint, map_location='cpu', weights_only=True)['global_step'])
 
 
 def zoo_train(command: str, config: Path, model: str, run_dir: Path, log_dir: Path, extra: Sequence[str],
@@ -92,7 +98,7 @@ def table(rows: List[dict], config: Path, extra: Sequence[str], threads: int) ->
         lines.append(
             f'| `{r["model"]}` | {r["norm"]} | {fmt(b.get("val/bbox_map"))} | {fmt(a.get("val/bbox_map"))} '
             f'| {fmt(a.get("val/bbox_map_50"))} | {fmt(b.get("val/segm_map"))} | {fmt(a.get("val/segm_map"))} '
-            f'| {fmt(a.get("val/segm_map_50"))} | {a.get("step", "-")} '
+            f'| {fmt(a.get("val/segm_map_50"))} | {a.get("step") or "-"} '
             f'| {fit_time} |')
     return '\n'.join(lines) + '\n'
 
@@ -121,6 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             after = last_metrics(run_dir / 'fit')
         elif timing.is_file():
             fit_s = float(timing.read_text())
+        if after is not None:
+            after['step'] = trained_steps(run_dir / 'checkpoints' / 'last.ckpt')
         rows.append({'model': model, 'norm': DETECTORS.get(model, ''), 'before': before, 'after': after,
                      'fit_s': fit_s})
         print(f'{model}: box AP {fmt((before or {}).get("val/bbox_map"))} -> {fmt((after or {}).get("val/bbox_map"))}, '
