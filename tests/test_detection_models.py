@@ -76,8 +76,8 @@ def test_every_detector_is_built_as_named(name):
     assert body.feature_info.channels()[-1] == (512 if arch == 'resnet18' else 2048)
     assert all(type(c) is nn.Conv2d for c in _convs(model.rpn.head))  # the RPN head stays plain
     normed = [body, fpn, heads.box_head] + ([heads.mask_head] if task == 'maskrcnn' else [])
-    if variant is None:  # the frozen-BN baseline, torchvision's design
-        assert _norm_types(body) == {FrozenBatchNorm2d} and not _norm_types(fpn)
+    if variant is None:  # the BN baseline, torchvision's design (trainable BN without pretrained weights)
+        assert _norm_types(body) == {nn.BatchNorm2d} and not _norm_types(fpn)
         assert isinstance(heads.box_head, TwoMLPHead) and not any(isinstance(c, WSConv2d) for c in _convs(model))
         return
     v = NORM_VARIANTS[variant]
@@ -167,6 +167,11 @@ def test_torchvision_kwargs_pass_through_and_options():
     body = model.backbone.body
     assert not any(p.requires_grad for n in ('conv1', 'bn1', 'layer1', 'layer2') for p in getattr(body, n).parameters())
     assert all(p.requires_grad for p in body.layer3.parameters())
+    with torch.device('meta'):
+        frozen = zoo.create_detector('fasterrcnn_resnet18_fpn', frozen_bn=True)
+    assert _norm_types(frozen.backbone.body) == {FrozenBatchNorm2d}
+    with pytest.raises(ValueError, match='frozen_bn is for the BN baseline'):
+        zoo.create_detector('fasterrcnn_resnet18_fpn_gn', frozen_bn=True)
     with pytest.raises(ValueError, match='trainable_backbone_layers must be in'):
         zoo.create_detector('fasterrcnn_resnet18_fpn_gn', trainable_backbone_layers=6)
 
@@ -187,6 +192,17 @@ def test_no_imagenet_weights_is_a_clear_error():
         zoo.create_detector('maskrcnn_resnet18_fpn_wsgn', pretrained_backbone=True)
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
         zoo.create_detector('maskrcnn_resnet50_fpn_wsgn', pretrained_backbone='/nowhere.pth')
+
+
+def test_failed_download_names_the_detector_and_the_way_out(monkeypatch):
+    import zoo.detection.models as det
+
+    def offline(**kwargs):
+        raise OSError('Name or service not known')
+    monkeypatch.setattr(det.timm, 'create_model', offline)
+    with pytest.raises(WeightsError, match=r'fasterrcnn_resnet50_fpn_wsgn: could not load .* resnet50_wsgn\.in1k: '
+                                           r'OSError: Name or service not known.*pretrained_backbone=PATH'):
+        zoo.create_detector('fasterrcnn_resnet50_fpn_wsgn', pretrained_backbone=True)
 
 
 def _ref_features(ref, x):

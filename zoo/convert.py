@@ -245,6 +245,8 @@ def convert_model(
             split into ``norm_groups`` groups; the message names every such module.
     """
     v = _resolve_variant(variant)
+    if running_stats not in (True, False, 'auto'):
+        raise ValueError(f"running_stats must be True, False or 'auto', got {running_stats!r}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     norm_kwargs = dict(norm_kwargs or {})
     groups_for = norm_groups if callable(norm_groups) else (lambda channels: norm_groups)
@@ -258,7 +260,7 @@ def convert_model(
         problems += [f'{n}: {_num_channels(c)} channels do not split into {groups_for(_num_channels(c))} groups'
                      for _, _, n, c in norms if _num_channels(c) % groups_for(_num_channels(c))]
     if problems:
-        hint = ('; pass norm_groups=zoo.convert.divisor_groups(32) (or your own fn(channels) -> groups) for the '
+        hint = ('Pass norm_groups=zoo.convert.divisor_groups(32) (or your own fn(channels) -> groups) for the '
                 'channel counts, and exclude=[...] for modules to keep as they are')
         raise ConversionError(f'convert_model({type(model).__name__}, {variant!r}) cannot convert:\n  '
                               + '\n  '.join(problems) + f'\n{hint}')

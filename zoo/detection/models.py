@@ -10,8 +10,10 @@ Names: ``{fasterrcnn,maskrcnn}_{arch}_fpn[_{variant}]``, e.g. ``maskrcnn_resnet5
   WS convs (for ``ws*``) and its norm, as the paper's "GN+WS everywhere" models. The RPN head
   (one 3x3 conv) and the predictors stay plain, as in the paper and mmdet's ``gn+ws`` configs.
 - no variant (``maskrcnn_resnet50_fpn``): the BN baseline, torchvision's ``maskrcnn_resnet50_fpn``
-  design: a frozen-BN backbone (timm ``{arch}`` with ``FrozenBatchNorm2d``), FPN without norm,
-  torchvision's two-fc box head and plain 4-conv mask head.
+  design: timm's ``{arch}`` backbone, FPN without norm, torchvision's two-fc box head and plain
+  4-conv mask head. As in torchvision, its BN is frozen (``FrozenBatchNorm2d``) with a pretrained
+  backbone and a trainable ``BatchNorm2d`` without one (frozen identity statistics would leave
+  a from-scratch backbone unnormalized); ``frozen_bn=True / False`` decides explicitly.
 
 A BCN or BGN layer in the box and mask heads sees the (num_rois, 256, 7x7 or 14x14) RoI features:
 its batch statistics (BCN's estimated stage, BGN's groups) are taken over the RoIs of the batch.
@@ -120,10 +122,11 @@ def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formul
     kwargs.update(backbone_kwargs or {})
     try:
         return timm.create_model(**kwargs)
-    except WeightsError as e:
-        if pretrained_backbone is True:  # a download failed: say how a detector takes a local copy
-            raise WeightsError(f'{name}: {e} For a detector, pass pretrained_backbone=PATH.') from e
-        raise
+    except (OSError, ValueError, RuntimeError) as e:  # WeightsError, a failed Hub / URL download, ...
+        if pretrained_backbone is not True:
+            raise
+        raise WeightsError(f'{name}: could not load the ImageNet weights of its backbone {kwargs["model_name"]}: '
+                           f'{type(e).__name__}: {e} Offline, pass pretrained_backbone=PATH to a local copy.') from e
 
 
 def _build_detector(
@@ -138,12 +141,17 @@ def _build_detector(
         norm_kwargs: Optional[Dict[str, Any]] = None,
         bcn_batch_stage: str = 'estimated',
         backbone_kwargs: Optional[Dict[str, Any]] = None,
+        frozen_bn: Optional[bool] = None,
         **kwargs,
 ) -> nn.Module:
     name = detector_name(task, arch, variant)
+    if frozen_bn and variant is not None:
+        raise ValueError(f'{name}: frozen_bn is for the BN baseline ({detector_name(task, arch)}); '
+                         f'the {variant} variant trains its norms')
     body = _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formula, norm_kwargs, backbone_kwargs)
-    if variant is None:  # BN baseline: frozen BN, plain FPN and heads (torchvision's defaults)
-        body = freeze_batch_norm_2d(body)
+    if variant is None:  # BN baseline: plain FPN and heads (torchvision's defaults)
+        if bool(pretrained_backbone) if frozen_bn is None else frozen_bn:
+            body = freeze_batch_norm_2d(body)
         backbone = TimmFPNBackbone(body)
     else:
         v = NORM_VARIANTS[variant]
@@ -195,6 +203,7 @@ def create_detector(name: str, num_classes: int = 91, pretrained_backbone: Union
             pretrained large-batch BCN backbone is switched, its estimates starting from the
             ImageNet running statistics) or ``'batch'`` (large batches per device).
         backbone_kwargs: extra kwargs of ``timm.create_model`` for the backbone.
+        frozen_bn: BN baseline only: freeze its BN (default: with a pretrained backbone, as torchvision).
         **kwargs: passed to torchvision's ``FasterRCNN`` / ``MaskRCNN``: ``min_size``, ``max_size``,
             ``image_mean``, ``image_std``, ``rpn_anchor_generator``, ``box_detections_per_img``, ...
     """
