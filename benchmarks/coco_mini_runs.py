@@ -32,7 +32,9 @@ DEFAULT_CONFIG = REPO / 'configs' / 'coco' / 'coco_mini_maskrcnn_r50_wsbcn_cpu.y
 DETECTORS = {
     'maskrcnn_resnet50_fpn_wsbcn': 'WS+BCN (estimated batch stage)',
     'maskrcnn_resnet50_fpn_wsgn': 'WS+GN',
-    'maskrcnn_resnet50_fpn': 'frozen BN (baseline)',
+    # torchvision's design: frozen BN over a pretrained backbone; from random init (no weights offline)
+    # its BN trains, with batch statistics of the 2 images of the device.
+    'maskrcnn_resnet50_fpn': 'BN baseline (trainable BN from random init)',
 }
 METRICS = ('val/bbox_map', 'val/bbox_map_50', 'val/segm_map', 'val/segm_map_50')
 
