@@ -11,3 +11,4 @@ from .emulation import VirtualDeviceNorm, virtual_devices
 from .metrics import accuracy_metrics
 from .optim import OptimConfig, create_optimizer, create_scheduler, param_groups
 from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler
+from .detection import CocoDetectionDataModule, DetectionModule, DetectionWriter

@@ -118,6 +118,11 @@ class ZooCLI(LightningCLI):
             ckpt = self.trainer.checkpoint_callback
             where = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ''
             n = len(self.datamodule.test_set) if getattr(self.datamodule, 'test_set', None) is not None else '?'
+            if top1 is None:  # another task (e.g. detection): every test metric it logged
+                print(f'\nTest on {n} images: ' + ', '.join(f'{k} {float(v):.4f}' for k, v in sorted(metrics.items())
+                                                         if k.startswith('test/'))
+                      + (f'\nCheckpoint: {where}' if where else ''), flush=True)
+                return
             print(f'\nTest top-1: {100 * top1:.2f}% on {n} test images'
                   + (f', top-5: {100 * metrics["test/top5"]:.2f}%' if 'test/top5' in metrics else '')
                   + (f'\nCheckpoint: {where}' if where else ''), flush=True)

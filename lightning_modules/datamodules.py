@@ -161,9 +161,9 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
     def train_sampler(self) -> VirtualDeviceSampler:
         world, rank = self._world()
         k = self.virtual_devices
-        return self.resume_sampler(VirtualDeviceSampler(
+        return VirtualDeviceSampler(
             self.train_set, self.batch_size, num_replicas=world * k, ranks=[rank * k + i for i in range(k)],
-            shuffle=True, seed=self.resolved_seed()))
+            shuffle=True, seed=self.resolved_seed())
 
     def _loader_kwargs(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -171,7 +171,7 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return TrainDataLoader(
-            self.train_set, batch_size=self.batch_size * self.virtual_devices, sampler=self.train_sampler(),
+            self.train_set, batch_size=self.batch_size * self.virtual_devices, sampler=self.resume_sampler(self.train_sampler()),
             drop_last=True, **self._loader_kwargs())
 
     def eval_dataset(self, folder: Path, transform, per_class: Optional[int] = None) -> ImageFolderDataset:
@@ -179,9 +179,10 @@ class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         return ImageFolderDataset(folder, transform, self.skip_corrupt, per_class=per_class, replace_corrupt=False)
 
     def _eval_loader(self, dataset) -> DataLoader:
-        collate = collate_skipping if getattr(dataset, 'skip_corrupt', False) else None
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
-                          **self._loader_kwargs())
+        kwargs = self._loader_kwargs()
+        if getattr(dataset, 'skip_corrupt', False):  # a subclass's own collate (e.g. detection lists) stays
+            kwargs.setdefault('collate_fn', collate_skipping)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **kwargs)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

@@ -58,10 +58,14 @@ class VirtualDeviceNorm(nn.Module):
         self.norm = norm
         self.num_devices = num_devices
 
+    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The per-device chunks of ``x`` (equal ones here; detectors' ROI heads split by image)."""
+        return split_devices(x, self.num_devices)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.norm.training or self.num_devices == 1:
             return self.norm(x)
-        chunks = split_devices(x, self.num_devices)
+        chunks = self.split(x)
         outputs = [self.norm(chunks[0])]
         # Other devices update throw-away copies of the buffers (never restore in place: autograd
         # may have saved the running stats for backward).

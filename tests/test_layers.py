@@ -307,3 +307,19 @@ def test_bgn_without_running_stats_uses_batch_stats_in_eval():
     bgn = BatchGroupNorm2d(8, num_groups=4, track_running_stats=False).eval()
     x = torch.randn(3, 8, 2, 2)
     torch.testing.assert_close(bgn(x), ref_bgn(x, 4, 1e-5, bgn.weight, bgn.bias)[0])
+
+
+@pytest.mark.parametrize('make', [
+    lambda: BatchChannelNorm2d(64), lambda: BatchChannelNorm2d(64, batch_stage='batch'),
+    lambda: BatchGroupNorm2d(64, num_groups=32)], ids=['bcn', 'bcn_batch', 'bgn'])
+@pytest.mark.parametrize('train', [True, False])
+def test_zero_samples_pass_through_without_touching_statistics(make, train):
+    """A detector's mask head sees no regions for an image without detections: (0, C, H, W)."""
+    norm = make().train(train)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.empty(0, 64, 7, 7, requires_grad=True)
+    y = norm(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in norm.parameters())  # used, zero gradient
+    assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())

@@ -99,6 +99,8 @@ class BatchChannelNorm2d(nn.Module):
         return scale, (shift + bn.bias if bn.bias is not None else shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4 and x.shape[0] == 0:
+            return self._empty_forward(x)
         if x.ndim != 4 or not self._fixed_stage():
             return self._two_stage_forward(x)
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -111,6 +113,17 @@ class BatchChannelNorm2d(nn.Module):
         args = (x, mean, var, a.to(stat_dtype), b.to(stat_dtype), self.weight.to(stat_dtype), self.bias.to(stat_dtype),
                 self.num_groups, self.eps, out_dtype)
         return _FusedBCN.apply(*args) if torch.is_grad_enabled() else _FusedBCN.inference(*args)
+
+    def _empty_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """No samples (e.g. a detector's mask head for an image without detections): nothing to normalize.
+
+        An estimated stage in training still takes part in its statistics' all-reduce (other
+        processes may have samples; the update itself skips an empty batch), and the output
+        depends on every parameter, with zero gradients, so DDP finds them all used.
+        """
+        if self.bn.training and isinstance(self.bn, EstimatedBatchNorm2d):
+            self.bn.update_estimates(x)
+        return x + sum(p.sum() for p in self.parameters()) * 0.
 
     def _two_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(x)

@@ -67,6 +67,8 @@ class BatchGroupNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f'BatchGroupNorm2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
+        if x.shape[0] == 0:  # no samples (a detector head without regions): no statistics, nothing to update
+            return x + sum(p.sum() for p in self.parameters()) * 0.
         if not self.training and self.track_running_stats:
             # Inference: running statistics make the layer one per-channel affine (a single pass).
             # batch_norm's eval kernel with zero mean, unit variance and eps 0 is x * scale + shift.
