@@ -25,13 +25,33 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
 from .checkpointing import DigestCheckpointIO, hparams_differences, newest_resume_checkpoint, read_checkpoint_header
 from .predict import TopKWriter
 from .runtime import quiet_known_noise, set_cpu_threads
 
-__all__ = ['ZooCLI', 'build_cli', 'main']
+__all__ = ['ZooCLI', 'build_cli', 'main', 'evaluated_inputs']
+
+# Model arguments that load trained weights (a test without one of them, or --ckpt_path, scores random weights).
+_WEIGHT_ARGS = ('pretrained', 'pretrained_backbone', 'init_checkpoint')
+
+
+def evaluated_inputs(datamodule, metrics) -> str:
+    """What a test really scored: '9,998 images of the val split (2 unreadable, skipped)', '5 clips of ...'."""
+    dataset = getattr(datamodule, 'test_set', None)
+    total = len(dataset) if dataset is not None else None
+    split = getattr(datamodule, 'test_split_name', 'test')
+    if 'test/images' in metrics:
+        n, unit, skipped = int(metrics['test/images']), 'images', int(metrics.get('test/skipped_images', 0))
+    elif 'test/skipped_videos' in metrics and total is not None:
+        skipped = int(metrics['test/skipped_videos'])
+        n, unit = total - skipped, 'clips'
+    else:
+        n, unit, skipped = total, 'images', 0
+    count = f'{n:,}' if n is not None else 'all'
+    return f'{count} {unit} of the {split} split' + (f' ({skipped} unreadable, skipped)' if skipped else '')
 
 
 class ZooCLI(LightningCLI):
@@ -104,6 +124,11 @@ class ZooCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._resolve_last()
+        cfg = self.config[self.subcommand]
+        model_args = (cfg.get('model') or {}).get('init_args') or {}
+        if not cfg.get('ckpt_path') and not any(model_args.get(k) for k in _WEIGHT_ARGS):
+            rank_zero_warn('zoo-train test without --ckpt_path or pretrained weights evaluates randomly initialised '
+                           'weights; pass --ckpt_path <checkpoint> or --model.init_args.pretrained true')
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
@@ -117,13 +142,13 @@ class ZooCLI(LightningCLI):
             top1 = metrics.get('test/top1')
             ckpt = self.trainer.checkpoint_callback
             where = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ''
-            n = len(self.datamodule.test_set) if getattr(self.datamodule, 'test_set', None) is not None else '?'
+            evaluated = evaluated_inputs(self.datamodule, metrics)
             if top1 is None:  # another task (e.g. detection): every test metric it logged
-                print(f'\nTest on {n} images: ' + ', '.join(f'{k} {float(v):.4f}' for k, v in sorted(metrics.items())
-                                                         if k.startswith('test/'))
+                print(f'\nTest on {evaluated}: ' + ', '.join(
+                    f'{k} {float(v):.4f}' for k, v in sorted(metrics.items()) if k.startswith('test/'))
                       + (f'\nCheckpoint: {where}' if where else ''), flush=True)
                 return
-            print(f'\nTest top-1: {100 * top1:.2f}% on {n} test images'
+            print(f'\nTest top-1: {100 * top1:.2f}% on {evaluated}'
                   + (f', top-5: {100 * metrics["test/top5"]:.2f}%' if 'test/top5' in metrics else '')
                   + (f'\nCheckpoint: {where}' if where else ''), flush=True)
 

@@ -233,6 +233,11 @@ class ImageFolderDataModule(ImageDataModule):
         self.augmentation = dict(scale=tuple(scale), hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment)
         self.build_transforms()
 
+    @property
+    def test_split_name(self) -> str:
+        """The folder ``test`` scores; without ``test_dir`` it is the validation split, and says so."""
+        return self.test_dir if self.test_dir != self.val_dir or self.val_dir == 'test' else f'{self.val_dir} (validation)'
+
     def data_config(self, model=None) -> dict:
         """The given preprocessing, the rest from ``model``'s pretrained config (ImageNet's without a model)."""
         resolved = resolve_data_config({'in_chans': 3}, model=model)  # timm's ImageNet defaults without a model

@@ -1,4 +1,5 @@
 """zoo-train (LightningCLI): every shipped config parses; a tiny fit + test prints top-1 and leaves a checkpoint."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,23 @@ def test_fit_then_test_prints_top1_and_leaves_checkpoint(tmp_path, capsys, monke
           '--trainer.default_root_dir', str(tmp_path / 'run'), '--trainer.enable_progress_bar', 'false',
           '--test_after_fit', 'true'])
     out = capsys.readouterr().out
-    assert 'Test top-1:' in out and 'on 12 test images' in out
+    # 12 images really scored, and named as the validation split they are (no test_dir given).
+    assert 'Test top-1:' in out and 'on 12 images of the val (validation) split' in out
     assert list((tmp_path / 'run').rglob('*.ckpt'))
+
+
+def test_test_without_weights_warns_that_it_scores_random_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / 'data', per_class=1)
+    args = ['test', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
+            '--model.num_classes', '3', '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(root),
+            '--data.input_size', '16', '--data.num_workers', '0', '--trainer.accelerator', 'cpu',
+            '--trainer.logger', 'false', '--trainer.enable_progress_bar', 'false']
+    with pytest.warns(UserWarning, match='randomly initialised weights'):
+        main(args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*randomly initialised')
+        main(args[:4] + ['resnet20_wsbcn.cifar10', '--model.pretrained', 'true'] + args[5:])
 
 
 def test_last_checkpoint_holds_the_final_weights(tmp_path, monkeypatch):
