@@ -164,17 +164,22 @@ class ImageClassifier(pl.LightningModule):
             ys.append(ym)
         return torch.cat(xs), torch.cat(ys)
 
-    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int, terms: str = '') -> None:
+        """Stop before a non-finite update, on every device alike, naming the step and the last good checkpoint.
+
+        ``terms``: the loss's parts (e.g. a detector's loss dict), to say which one went wrong.
+        """
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if finite:
             return
         ckpt = self.trainer.checkpoint_callback
         last = (getattr(ckpt, 'last_model_path', '') or getattr(ckpt, 'best_model_path', '')) if ckpt else ''
         raise NonFiniteLossError(
-            f'Non-finite training loss ({loss.item()}) at global step {self.global_step} (epoch {self.current_epoch}, '
-            f'batch {batch_idx}) on at least one device: training stopped before this update, no checkpoint was '
-            f'written for it. Last good checkpoint: {last or "none saved yet"}. Lower the learning rate or check '
-            f'the data, then resume from that checkpoint (--ckpt_path).')
+            f'Non-finite training loss ({loss.item()}{": " + terms if terms else ""}) at global step '
+            f'{self.global_step} (epoch {self.current_epoch}, batch {batch_idx}) on at least one device: training '
+            f'stopped before this update, no checkpoint was written for it. Last good checkpoint: '
+            f'{last or "none saved yet"}. Lower the learning rate, lengthen the warm-up or check the data, then '
+            f'resume from that checkpoint (--ckpt_path).')
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torchmetrics.detection import MeanAveragePrecision
 
 import zoo
-from ..classification import NonFiniteLossError
+from ..classification import ImageClassifier
 from ..datasets import sample_seed
 from ..optim import OptimConfig, create_optimizer, create_scheduler
 from .data import CocoCategories
@@ -155,18 +155,7 @@ class DetectionModule(pl.LightningModule):
         return dm.resolved_seed() if hasattr(dm, 'resolved_seed') else 0
 
     # -- training --------------------------------------------------------------------------------------
-    def _check_finite(self, loss: torch.Tensor, losses: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if finite:
-            return
-        ckpt = self.trainer.checkpoint_callback
-        last = (getattr(ckpt, 'last_model_path', '') or getattr(ckpt, 'best_model_path', '')) if ckpt else ''
-        terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
-        raise NonFiniteLossError(
-            f'Non-finite training loss ({loss.item()}: {terms}) at global step {self.global_step} (epoch '
-            f'{self.current_epoch}, batch {batch_idx}) on at least one device: training stopped before this update. '
-            f'Last good checkpoint: {last or "none saved yet"}. Lower the learning rate, lengthen the warm-up or '
-            f'check the data, then resume from that checkpoint (--ckpt_path).')
+    _check_finite = ImageClassifier._check_finite  # the classifier's stop, with the loss dict's terms
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -180,7 +169,7 @@ class DetectionModule(pl.LightningModule):
             with detector_virtual_devices(self.model, self.virtual_devices or 1):
                 losses = self.model(images, model_targets)
         loss = sum(losses.values())
-        self._check_finite(loss, losses, batch_idx)
+        self._check_finite(loss, batch_idx, ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items()))
         self.log('train/loss', loss, prog_bar=True, batch_size=n)
         self.log_dict({f'train/{k}': v for k, v in losses.items()}, batch_size=n)
         self.log('train/lr', self.trainer.optimizers[0].param_groups[0]['lr'], batch_size=n)
