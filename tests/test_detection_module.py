@@ -2,7 +2,6 @@
 import copy
 import csv
 import json
-import socket
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +21,7 @@ from lightning_modules.detection import DetectionModule, detector_virtual_device
 from lightning_modules.emulation import is_batch_dependent
 from test_detection_data import COCO_MINI, make_coco, needs_coco_mini
 from zoo.layers import EstimatedBatchNorm2d
+from test_distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = 'maskrcnn_resnet18_fpn_wsbcn'
@@ -311,16 +311,10 @@ def _ddp_worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)  # two processes building and training a detector: ~30 s on 2 idle cores
 def test_bcn_estimates_identical_on_both_ddp_ranks_and_match_emulation(tmp_path):
     out = str(tmp_path / 'rank')
-    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), out), nprocs=2, join=True)
     ranks = [torch.load(f'{out}.{r}', weights_only=True) for r in range(2)]
     torch.manual_seed(0)
     single = zoo.create_detector(MODEL, num_classes=3, min_size=64, max_size=64, **DDP_SIZES)

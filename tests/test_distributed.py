@@ -65,7 +65,7 @@ def _worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -74,7 +74,7 @@ def _free_port():
 @pytest.mark.timeout(300)
 def test_bcn_estimates_synced_across_processes_and_match_single_process(tmp_path):
     out = str(tmp_path / 'rank')
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     ranks = [torch.load(f'{out}.{r}', weights_only=True) for r in range(WORLD)]
 
     single = _model()

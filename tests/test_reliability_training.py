@@ -1,5 +1,4 @@
 """Issue 14 (reliability), training side: bad data, bad input, the meta device, weight decay under FSDP."""
-import socket
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from zoo.layers import (
 from zoo.layers import nonfinite_stats
 
 from test_data import make_image_folder
+from test_distributed import free_port
 
 STAT_BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
 
@@ -180,12 +180,6 @@ def test_corrupt_eval_images_are_skipped_counted_and_not_scored(tmp_path):
 WORLD = 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _decayed_names(groups, named):
     names = {id(p): unwrapped_name(n) for n, p in named}
     return sorted(names[id(p)] for g in groups if g['weight_decay'] > 0 for p in g['params'])
@@ -239,7 +233,7 @@ def _worker(rank, port, out):
 @pytest.fixture(scope='module')
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('ranks') / 'rank')
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return [torch.load(f'{out}.{r}', weights_only=True) for r in range(WORLD)]
 
 
