@@ -257,10 +257,10 @@ def set_bcn_batch_stage(model: nn.Module, batch_stage: str, momentum=None) -> nn
             ref = old.weight if old.weight is not None else old.running_mean
             new = _make_batch_stage(batch_stage, m.num_channels, m.eps, momentum, {'device': ref.device, 'dtype': ref.dtype})
             new.load_state_dict(old.state_dict())
-            trained = bool(old.num_batches_tracked > 0) or bool((old.running_mean != 0).any() | (old.running_var != 1).any())
-            if isinstance(new, EstimatedBatchNorm2d) and trained:
-                floor = math.ceil(1. / new.momentum)
-                new.num_batches_tracked.clamp_(min=floor)
+            if isinstance(new, EstimatedBatchNorm2d):  # tensor ops only: works on 'meta' too
+                trained = (old.num_batches_tracked > 0) | (old.running_mean != 0).any() | (old.running_var != 1).any()
+                count = new.num_batches_tracked
+                count.copy_(torch.where(trained, count.clamp(min=math.ceil(1. / new.momentum)), count))
             new.train(old.training)
             m.bn = new
             m.batch_stage = batch_stage
