@@ -38,3 +38,11 @@ def _write_run(root: Path, name: str, model: str, batch_size: int, virtual_devic
 def make_run():
     """``make_run(root, name, model, batch_size, virtual_devices, versions)``: see :func:`_write_run`."""
     return _write_run
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_mode():
+    """Trainer(deterministic=True) sets a process-wide flag: keep it from leaking into later tests."""
+    state = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])

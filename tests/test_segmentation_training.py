@@ -192,3 +192,30 @@ def test_emulated_devices_split_bn_batches():
     torch.testing.assert_close(split, halves, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(split, whole, atol=1e-3)
     assert math.isfinite(float(split.sum()))
+
+
+def test_metrics_count_natively_under_deterministic_mode(monkeypatch):
+    """deterministic=True made torchmetrics count a full-size COCO mask by a 37 GB one-hot (CI ran out
+    of memory): the update counts with bincount and leaves the user's deterministic setting as it was."""
+    from lightning_modules.segmentation.module import segmentation_metrics, update_metrics
+    seen = []  # torchmetrics calls torch.bincount only on its native path
+    real = torch.bincount
+    monkeypatch.setattr(torch, 'bincount', lambda *a, **k: seen.append(a[0].numel()) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 133, (1, 96, 128), generator=g)
+    target[0, :5] = 255
+    preds = torch.where(torch.rand(target.shape, generator=g) < 0.7, target.clamp(max=132), torch.randint(0, 133, target.shape, generator=g))
+    expected = segmentation_metrics(133, 'val/')
+    expected.update(preds, target)
+    metrics = segmentation_metrics(133, 'val/')
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seen.clear()
+    try:
+        update_metrics(metrics, preds, target)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert seen
+    for k, v in expected.compute().items():
+        torch.testing.assert_close(metrics.compute()[k], v)

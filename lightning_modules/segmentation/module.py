@@ -13,6 +13,7 @@
 - Micro-batches: ``virtual_devices`` emulates K devices in one process, as ``ImageClassifier``
   does; a non-finite loss stops training with :class:`~lightning_modules.NonFiniteLossError`.
 """
+import contextlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -28,7 +29,7 @@ from ..emulation import split_devices, virtual_devices
 from ..optim import OptimConfig, param_ndims
 from .transforms import IGNORE_INDEX
 
-__all__ = ['SemanticSegmenter', 'segmentation_metrics', 'sliding_window_logits']
+__all__ = ['SemanticSegmenter', 'segmentation_metrics', 'sliding_window_logits', 'update_metrics']
 
 
 def segmentation_metrics(num_classes: int, prefix: str, ignore_index: int = IGNORE_INDEX) -> MetricCollection:
@@ -36,6 +37,32 @@ def segmentation_metrics(num_classes: int, prefix: str, ignore_index: int = IGNO
         'miou': MulticlassJaccardIndex(num_classes, average='macro', ignore_index=ignore_index),
         'pixel_acc': MulticlassAccuracy(num_classes, average='micro', ignore_index=ignore_index),
     }, prefix=prefix)
+
+
+@contextlib.contextmanager
+def _native_bincount():
+    """Let torchmetrics count with ``torch.bincount`` under ``deterministic=True``.
+
+    In deterministic mode torchmetrics replaces bincount by a (pixels x classes²) comparison: 37 GB
+    for one full-size COCO mask. Bincount without weights counts integers, exact and the same on
+    every run (PyTorch lists only the weighted CUDA form as nondeterministic), so the flag is lifted
+    for the update and restored after.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+
+def update_metrics(metrics: MetricCollection, preds: torch.Tensor, target: torch.Tensor) -> None:
+    """``metrics.update(preds, target)`` with native integer counting (see :func:`_native_bincount`)."""
+    with _native_bincount():
+        metrics.update(preds, target)
 
 
 def sliding_window_logits(model: nn.Module, x: torch.Tensor, window: int, stride: int, num_classes: int) -> torch.Tensor:
@@ -161,7 +188,7 @@ class SemanticSegmenter(pl.LightningModule):
         self._check_finite(loss, batch_idx)
         self.log('train/loss', loss, prog_bar=True)
         self.log('train/lr', self.trainer.optimizers[0].param_groups[0]['lr'])
-        self.train_metrics.update(out['out'].detach().argmax(1), y)
+        update_metrics(self.train_metrics, out['out'].detach().argmax(1), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
@@ -189,7 +216,7 @@ class SemanticSegmenter(pl.LightningModule):
         loss = torch.stack([self._loss(li[None], m[None]) for li, m in zip(logits, masks)]).mean()
         self.log(f'{prefix}loss', loss, sync_dist=True, batch_size=len(masks))
         for li, m in zip(logits, masks):
-            metrics.update(li.argmax(0)[None], m[None])
+            update_metrics(metrics, li.argmax(0)[None], m[None])
         self.log_dict(metrics, prog_bar=prefix == 'val/', batch_size=len(masks))
 
     def validation_step(self, batch, batch_idx: int) -> None:
