@@ -8,6 +8,7 @@ unchanged.
 """
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 
 __all__ = ['TemporalShift', 'temporal_shift', 'add_temporal_shift']
 
@@ -28,6 +29,7 @@ def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> to
     return out.view(nt, c, h, w)
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class TemporalShift(nn.Module):
     """:func:`temporal_shift` as a module without parameters or buffers (adds no state-dict keys).
 
