@@ -137,3 +137,89 @@ def test_fx_graph_keeps_the_input_checks():
     video = _fx_model(timm.create_model('tsm_resnet18_wsgn', num_segments=2, num_classes=3).eval())
     with pytest.raises(ValueError, match=r'\(B, T, C, H, W\)'):
         video(torch.randn(1, 2, 3, 16, 16))
+
+
+# --- torch.export ---------------------------------------------------------------------------
+
+def _layer_stack():
+    """Every zoo layer, in both BCN batch stages, in one small network."""
+    return torch.nn.Sequential(
+        WSConv2d(3, 8, 3, padding=1), BatchChannelNorm2d(8, num_groups=2), torch.nn.ReLU(),
+        WSConv2d(8, 8, 3, padding=1, ws_formula='ws'), BatchGroupNorm2d(8, num_groups=2), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 1), BatchChannelNorm2d(8, num_groups=4, batch_stage='batch'),
+        EstimatedBatchNorm2d(8))
+
+
+def _off_init(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_torch_export_of_every_layer_gives_eager_outputs_gradients_and_statistics(train):
+    x = torch.randn(2, 3, 8, 8) * 2 + 0.5
+    eager = _off_init(_layer_stack()).train()
+    eager(torch.randn(2, 3, 8, 8))  # statistics off their init
+    eager.train(train)
+    before = {n: b.clone() for n, b in eager.named_buffers()}
+    program = torch.export.export(copy.deepcopy(eager), (x,))
+    module = program.module()
+    got, expected = module(x), eager(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    buffers = dict(module.named_buffers())
+    changed = False
+    for n, b in eager.named_buffers():  # train mode: the same statistics update
+        torch.testing.assert_close(buffers[n], b, rtol=1e-6, atol=1e-7, msg=n)
+        changed |= not torch.equal(b, before[n])
+    assert changed == train
+    got.square().mean().backward()
+    expected.square().mean().backward()
+    params = dict(module.named_parameters())
+    assert params.keys() == dict(eager.named_parameters()).keys()
+    for n, p in eager.named_parameters():
+        torch.testing.assert_close(params[n].grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _check_export(name, shape, kwargs, train=False):
+    x = torch.randn(shape) * 2 + 0.5
+    eager = _model(name, kwargs).train(train)
+    program = torch.export.export(copy.deepcopy(eager), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name, shape, kwargs', [RUN_CASES[1], RUN_CASES[-1]])
+def test_torch_export_of_model_families_gives_eager_outputs(name, shape, kwargs):
+    """CIFAR and TSM (whose body is the ImageNet ResNet); every layer in both modes: the test above; all: -m slow."""
+    _check_export(name, shape, kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('train', [False, True])
+@pytest.mark.parametrize('name, shape, kwargs', RUN_CASES[:-2] + [
+    (f'resnet18_{v}', (2, 3, 32, 32), {}) for v in NORM_VARIANTS] + [
+    (f'tsm_resnet18_{v}', (1, 3, 4, 32, 32), dict(num_segments=4, num_classes=5)) for v in TSM_VARIANTS])
+def test_torch_export_of_every_variant(name, shape, kwargs, train):
+    _check_export(name, shape, kwargs, train)
+
+
+# --- meta device ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name, shape, kwargs', [
+    ('resnet20_wsbcn', (2, 3, 16, 16), {}), ('resnet20_wsbgn', (2, 3, 16, 16), {}),
+    ('resnet20_bcn', (2, 3, 16, 16), dict(norm_kwargs=dict(batch_stage='batch'))),
+    ('tsm_resnet18_wsbcn', (1, 3, 2, 16, 16), dict(num_segments=2, num_classes=5))])
+def test_meta_device_creation_forward_and_backward(name, shape, kwargs):
+    """Shapes without memory (e.g. to plan a large model): creation, train and eval forward, backward."""
+    model = timm.create_model(name, device='meta', **kwargs)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {'meta'}
+    x = torch.randn(shape, device='meta')
+    out = model(x)
+    out.sum().backward()
+    assert out.is_meta and out.shape == (shape[0], model.num_classes)
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).shape == out.shape
