@@ -9,9 +9,10 @@ with fixed statistics folded in, BCN's channel stage as GroupNorm), with a dynam
 images from the shared data) with the model's own preprocessing, and its outputs are compared
 with the original PyTorch model's: the max difference is printed, and an export that differs by
 more than ``--tolerance`` (relative to the largest output) is not written (exit status 1).
-For a video (TSM) model, the images are the frames of one clip.
+For a video (TSM) model, the images are the frames of two clips.
 
 ONNX needs the ``onnx`` extra (``pip install wsbcn-zoo[onnx]``: onnx, onnxscript, onnxruntime).
+Details: ``docs/deployment.md``.
 """
 import argparse
 import os
@@ -34,6 +35,7 @@ from .predict import IMAGE_EXTENSIONS, list_inputs
 __all__ = ['FORMATS', 'ExportMismatchError', 'load_source', 'real_batch', 'export_checked', 'main']
 
 FORMATS = ('onnx', 'torchscript', 'exported')
+_WEIGHT_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin', '.safetensors')
 DEFAULT_IMAGES = 4  # CIFAR-10 test images (one per class) when no --image is given
 
 
@@ -49,6 +51,8 @@ def load_source(source: str, pretrained: bool = False) -> nn.Module:
     """
     if Path(source).exists() or ':' in source or '/' in source:
         return zoo.load_model(source)
+    if Path(source).suffix.lower() in _WEIGHT_SUFFIXES:
+        raise FileNotFoundError(f'checkpoint {source} does not exist')
     return zoo.create_model(source, pretrained=pretrained or '.' in source)
 
 
@@ -118,7 +122,7 @@ def export_checked(model: nn.Module, x: torch.Tensor, fmt: str, out: Path, toler
 
     The file is written next to ``out`` and moved there only if the export, loaded back from disk,
     gives ``model``'s outputs on ``x`` within ``tolerance * max(1, max |output|)``; otherwise
-    :class:`ExportMismatchError` and nothing is written.
+    :class:`ExportMismatchError` and nothing is written. ``model`` is put in eval mode.
     """
     if fmt not in _EXPORTERS:
         raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}')
@@ -169,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = load_source(args.model, args.pretrained)
         x = real_batch(model, args.image)
         diff = export_checked(model, x, args.format, args.out, args.tolerance)
-    except (ExportMismatchError, ImportError, RuntimeError, ValueError, FileNotFoundError) as e:
+    except (ExportMismatchError, ImportError, RuntimeError, ValueError, OSError) as e:  # OSError: unreadable files
         print(f'zoo-export: error: {e}', file=sys.stderr)
         return 1
     print(f'{args.format} export of {args.model} written to {args.out}; '

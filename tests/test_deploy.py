@@ -132,4 +132,6 @@ def test_zoo_export_bad_input_is_a_clear_error(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
     assert main(['resnet20_nosuchnorm', '--format', 'exported', '--out', str(tmp_path / 'm.pt2')]) == 1
     assert "Unknown model 'resnet20_nosuchnorm'" in capsys.readouterr().err
+    assert main(['last.ckpt', '--format', 'onnx', '--out', str(tmp_path / 'm.onnx')]) == 1
+    assert 'checkpoint last.ckpt does not exist' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
