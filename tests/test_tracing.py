@@ -11,7 +11,7 @@ import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-import zoo
+import zoo  # noqa: F401 (registers the zoo models in timm)
 from zoo.layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d
 from zoo.models import NORM_VARIANTS, ZOO_MODELS
 from zoo.models.tsm import TSM_VARIANTS
