@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
@@ -42,6 +43,7 @@ def _make_batch_stage(mode: str, num_channels: int, eps: float, momentum, dd) ->
     raise ValueError(f'Unknown BCN batch stage {mode!r}; choose one of {BCN_BATCH_STAGES}.')
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class BatchChannelNorm2d(nn.Module):
     """Batch stage (estimated or batch statistics) followed by a group norm with group-wise affine.
 
@@ -84,6 +86,8 @@ class BatchChannelNorm2d(nn.Module):
         bn = self.bn
         if bn._forward_hooks or bn._forward_pre_hooks:
             return False  # the user observes the batch stage: run it as a module
+        if _is_exporting():
+            return False  # torch.export: standard ops (batch_norm, group_norm) that every backend and ONNX know
         if isinstance(bn, EstimatedBatchNorm2d):
             return True
         return isinstance(bn, _BatchNorm) and not bn.training and bn.running_mean is not None
@@ -132,6 +136,11 @@ class BatchChannelNorm2d(nn.Module):
         weight = self.weight.repeat_interleave(per_group)
         bias = self.bias.repeat_interleave(per_group)
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
 
 
 def _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps):

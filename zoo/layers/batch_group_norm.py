@@ -18,12 +18,14 @@ split coincides with a channel split), so a group means the same thing at every 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
 __all__ = ['BatchGroupNorm2d']
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class BatchGroupNorm2d(nn.Module):
     """Normalize over (batch, group of C*H*W/G); per-channel affine; running stats for eval."""
 

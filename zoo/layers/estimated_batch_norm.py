@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
@@ -75,6 +76,7 @@ def _welford_moments(x: torch.Tensor):
     return mean, rstd.pow(-2)  # eps 0: rstd = var ** -0.5 (inf for a constant channel, giving var 0)
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class EstimatedBatchNorm2d(nn.Module):
     """Per-channel normalization with running estimates updated from each training batch."""
 

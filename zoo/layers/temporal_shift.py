@@ -8,6 +8,8 @@ unchanged.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 __all__ = ['TemporalShift', 'temporal_shift', 'add_temporal_shift']
 
@@ -16,18 +18,18 @@ def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> to
     """Shift channel groups of ``x`` (``(B * num_segments, C, H, W)``) along time; zero padding."""
     if num_segments == 1:
         return x
-    nt, c, h, w = x.shape
+    nt, c = x.shape[:2]
     if nt % num_segments:
         raise ValueError(f'temporal_shift: batch of {nt} frames is not a whole number of {num_segments}-frame clips')
-    x = x.view(nt // num_segments, num_segments, c, h, w)
+    x = x.unflatten(0, (-1, num_segments))  # (B, T, C, H, W)
     fold = c // shift_div
-    out = torch.zeros_like(x)
-    out[:, :-1, :fold] = x[:, 1:, :fold]  # frame t sees frame t + 1
-    out[:, 1:, fold:2 * fold] = x[:, :-1, fold:2 * fold]  # frame t sees frame t - 1
-    out[:, :, 2 * fold:] = x[:, :, 2 * fold:]
-    return out.view(nt, c, h, w)
+    # Few whole-tensor ops (no zero tensor written into slice by slice): cheap to export with a dynamic batch.
+    back = F.pad(x[:, 1:, :fold], (0, 0, 0, 0, 0, 0, 0, 1))  # frame t sees frame t + 1; zeros after the last
+    forward = F.pad(x[:, :-1, fold:2 * fold], (0, 0, 0, 0, 0, 0, 1, 0))  # frame t sees frame t - 1
+    return torch.cat([back, forward, x[:, :, 2 * fold:]], 2).flatten(0, 1)
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class TemporalShift(nn.Module):
     """:func:`temporal_shift` as a module without parameters or buffers (adds no state-dict keys).
 

@@ -26,6 +26,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 __all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight', 'WSConv2d']
 
@@ -84,6 +85,7 @@ def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DE
     return _as_weight((flat - mean) / scale, weight)
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class WSConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose weight is standardized per output channel in ``forward``.
 

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 from timm.layers import create_classifier
 from timm.models import generate_default_cfgs
@@ -23,6 +24,8 @@ from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from .resnet import check_image_batch
 from ._weights import build_zoo_model, shipped_weights
+
+torch.fx.wrap('check_image_batch')  # one FX node, run on real tensors (see zoo.models.resnet)
 
 __all__ = ['CifarResNet', 'CIFAR_DEPTHS', 'ZOO_CIFAR_MODELS']
 
@@ -85,7 +88,7 @@ class CifarResNet(ResNet):
         return [getattr(self, n) for n in self.stage_names]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(type(self).__name__, x, self.in_chans)
+        x = check_image_batch(type(self).__name__, x, self.in_chans)
         x = self.act1(self.bn1(self.conv1(x)))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self._stages(), x, flatten=True)
@@ -104,7 +107,7 @@ class CifarResNet(ResNet):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Features of the stem (index 0) and of each stage (1..3)."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        check_image_batch(type(self).__name__, x, self.in_chans)
+        x = check_image_batch(type(self).__name__, x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))

@@ -23,7 +23,9 @@ from functools import partial
 from typing import Any, Dict, Optional
 
 import torch
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs
 from timm.models._registry import is_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -36,8 +38,14 @@ from ._weights import WeightSpec, build_zoo_model, register_weight_spec
 __all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values']
 
 
-def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> None:
-    """Clear errors for the usual wrong inputs, before they reach a conv."""
+@register_notrace_function
+def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Clear errors for the usual wrong inputs, before they reach a conv; returns ``x``.
+
+    Branches on the input's shape and dtype, so FX records it as one call (timm's notrace
+    functions; ``torch.fx.wrap`` below for the methods that call it) and runs it on real tensors.
+    Callers use the returned ``x``, so graph passes that drop unused nodes keep the check.
+    """
     if x.ndim != 4:
         hint = ' (a single image? add the batch dimension with x.unsqueeze(0))' if x.ndim == 3 else ''
         raise ValueError(f'{model_name} expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}{hint}')
@@ -46,6 +54,7 @@ def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(
             f'{model_name} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); '
             f'create the model with in_chans={x.shape[1]} to change its stem')
+    return x
 
 
 def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
@@ -59,6 +68,10 @@ def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
         raise ValueError(
             f'{model_name} got an empty {kind} (shape {tuple(x.shape)}): there is nothing to compute; '
             f'skip empty batches before calling the model')
+
+
+# FX patches wrapped names in the globals of the calling module (timm's list reaches forward() only).
+torch.fx.wrap('check_image_batch')
 
 
 class ZooResNet(ResNet):
@@ -79,11 +92,11 @@ class ZooResNet(ResNet):
             convert_to_ws(self, ws_formula)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(type(self).__name__, x, self.in_chans)
+        x = check_image_batch(type(self).__name__, x, self.in_chans)
         return super().forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_image_batch(type(self).__name__, x, self.in_chans)
+        x = check_image_batch(type(self).__name__, x, self.in_chans)
         return super().forward_intermediates(x, *args, **kwargs)
 
 

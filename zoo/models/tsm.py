@@ -28,8 +28,10 @@ from functools import partial
 from typing import Any, Dict
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs
 from timm.models.resnet import ResNet
 
@@ -44,8 +46,9 @@ TSM_ARCHS = ('resnet18', 'resnet50', 'resnet101')
 TSM_VARIANTS = {'wsbcn': NORM_VARIANTS['wsbcn'], 'wsgn': NORM_VARIANTS['wsgn'], 'bn': BN_VARIANT}
 
 
-def check_video_batch(model_name: str, x: torch.Tensor, in_chans: int, num_segments: int) -> None:
-    """Clear errors for the usual wrong clip layouts, before they reach a conv."""
+@register_notrace_function
+def check_video_batch(model_name: str, x: torch.Tensor, in_chans: int, num_segments: int) -> torch.Tensor:
+    """Clear errors for the usual wrong clip layouts, before they reach a conv; returns ``x`` (see check_image_batch)."""
     shape = tuple(x.shape)
     if x.ndim != 5:
         hint = ''
@@ -63,6 +66,10 @@ def check_video_batch(model_name: str, x: torch.Tensor, in_chans: int, num_segme
         raise ValueError(
             f'{model_name} was built for clips of {num_segments} frames, got T={x.shape[2]} (shape {shape}); '
             f'create it with num_segments={x.shape[2]} (weights load unchanged)')
+    return x
+
+
+torch.fx.wrap('check_video_batch')  # one FX node, run on real tensors (see zoo.models.resnet)
 
 
 class TSMResNet(ZooResNet):
@@ -81,9 +88,8 @@ class TSMResNet(ZooResNet):
 
     def fold_frames(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B * T, C, H, W), the frames of a clip next to each other."""
-        check_video_batch(type(self).__name__, x, self.in_chans, self.num_segments)
-        b, c, t, h, w = x.shape
-        return x.transpose(1, 2).reshape(b * t, c, h, w)
+        x = check_video_batch(type(self).__name__, x, self.in_chans, self.num_segments)
+        return x.transpose(1, 2).flatten(0, 1)  # no shape unpacking: FX traces it
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame features, frames folded into the batch: (B * T, C', H', W')."""
@@ -95,7 +101,7 @@ class TSMResNet(ZooResNet):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
-        x = x.reshape(-1, self.num_segments, *x.shape[1:]).mean(1)  # segment consensus
+        x = x.unflatten(0, (-1, self.num_segments)).mean(1)  # segment consensus
         if self.drop_rate:
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)

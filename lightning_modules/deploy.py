@@ -1,0 +1,185 @@
+"""``zoo-export``: a zoo model as ONNX, TorchScript or a torch.export program, checked before it is written.
+
+    zoo-export resnet20_wsbcn.cifar10 --format onnx --out resnet20_wsbcn.onnx
+    zoo-export runs/wsbcn/last.ckpt --format exported --out model.pt2 --image cat.jpg dog.jpg
+
+What is exported is the deployable form (:func:`zoo.export_for_inference`: plain convs, norms
+with fixed statistics folded in, BCN's channel stage as GroupNorm), with a dynamic batch size
+(ONNX, torch.export). The export is then run on a real batch (``--image`` files, or CIFAR-10 test
+images from the shared data) with the model's own preprocessing, and its outputs are compared
+with the original PyTorch model's: the max difference is printed, and an export that differs by
+more than ``--tolerance`` (relative to the largest output) is not written (exit status 1).
+For a video (TSM) model, the images are the frames of two clips.
+
+ONNX needs the ``onnx`` extra (``pip install wsbcn-zoo[onnx]``: onnx, onnxscript, onnxruntime).
+Details: ``docs/deployment.md``.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import create_transform, resolve_data_config
+
+import zoo
+from zoo.models.tsm import TSMResNet
+
+from .datamodules import prepare_cifar10
+from .datasets import load_rgb
+from .predict import IMAGE_EXTENSIONS, list_inputs
+
+__all__ = ['FORMATS', 'ExportMismatchError', 'load_source', 'real_batch', 'export_checked', 'main']
+
+FORMATS = ('onnx', 'torchscript', 'exported')
+_WEIGHT_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin', '.safetensors')
+DEFAULT_IMAGES = 4  # CIFAR-10 test images (one per class) when no --image is given
+
+
+class ExportMismatchError(RuntimeError):
+    """The export's outputs differ from the PyTorch model's by more than the tolerance."""
+
+
+def load_source(source: str, pretrained: bool = False) -> nn.Module:
+    """A model name (``resnet20_wsbcn``, or with a weight tag: ``resnet20_wsbcn.cifar10``), or a saved model.
+
+    A file (Lightning ``.ckpt``), folder or Hub id (``hf-hub:``, ``local-dir:``, ``ORG/NAME``) loads
+    with :func:`zoo.load_model`; a tagged name loads its weights, a plain name only with ``pretrained``.
+    """
+    if Path(source).exists() or ':' in source or '/' in source:
+        return zoo.load_model(source)
+    if Path(source).suffix.lower() in _WEIGHT_SUFFIXES:
+        raise FileNotFoundError(f'checkpoint {source} does not exist')
+    return zoo.create_model(source, pretrained=pretrained or '.' in source)
+
+
+def _default_images(n: int = DEFAULT_IMAGES) -> List[Path]:
+    root = prepare_cifar10() / 'test'
+    classes = sorted(p for p in root.iterdir() if p.is_dir())[:n]
+    return [min(c.glob('*.jpg')) for c in classes]
+
+
+def real_batch(model: nn.Module, images: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """Images (files, a folder or a list file; default: CIFAR-10 test images) preprocessed as ``model`` expects.
+
+    A batch ``(N, C, H, W)``; for a video model two clips ``(2, C, T, H, W)`` whose T frames are the
+    images in turn (the second clip starting at the second image).
+    """
+    if not images:
+        paths = _default_images()
+    elif len(images) == 1:
+        paths = list_inputs(images[0], IMAGE_EXTENSIONS)
+    else:
+        paths = list_inputs(list(images), IMAGE_EXTENSIONS)
+    transform = create_transform(**resolve_data_config(model=model))
+    frames = torch.stack([transform(load_rgb(p)) for p in paths])
+    if isinstance(model, TSMResNet):
+        order = torch.arange(model.num_segments)
+        return torch.stack([frames[(order + start) % len(frames)] for start in (0, 1)]).transpose(1, 2)
+    return frames
+
+
+def _dynamic_batch():
+    return ({0: torch.export.Dim.DYNAMIC},)  # any batch size (the example has two or more samples)
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401 (torch.onnx's dynamo exporter needs it)
+    except ImportError as e:
+        raise ImportError(f'ONNX export needs the onnx extra: pip install "wsbcn-zoo[onnx]" ({e})') from e
+    torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, input_names=['input'],
+                      output_names=['output'], dynamic_shapes=_dynamic_batch(), verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return lambda inp: torch.from_numpy(session.run(None, {'input': inp.numpy()})[0])
+
+
+def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        scripted = torch.jit.trace(model, (x,), check_trace=False)
+    except Exception as e:
+        raise RuntimeError(f'TorchScript tracing of the deployable {type(model).__name__} failed: {e}') from e
+    torch.jit.save(scripted, str(path))
+    return torch.jit.load(str(path))
+
+
+def _export_program(model: nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_batch())
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+_EXPORTERS = {'onnx': _export_onnx, 'torchscript': _export_torchscript, 'exported': _export_program}
+
+
+@torch.no_grad()
+def export_checked(model: nn.Module, x: torch.Tensor, fmt: str, out: Path, tolerance: float = 1e-4) -> float:
+    """Export ``model``'s deployable form to ``out`` as ``fmt``; returns the max output difference on ``x``.
+
+    The file is written next to ``out`` and moved there only if the export, loaded back from disk,
+    gives ``model``'s outputs on ``x`` within ``tolerance * max(1, max |output|)``; otherwise
+    :class:`ExportMismatchError` and nothing is written. ``model`` is put in eval mode.
+    """
+    if fmt not in _EXPORTERS:
+        raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}')
+    model = model.eval()
+    expected = model(x)
+    deployable = zoo.export_for_inference(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{out.stem}.partial-', suffix='.pt2' if fmt == 'exported' else out.suffix,
+                               dir=out.parent)  # torch.export.save wants the .pt2 suffix
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # the permissions of a plain new file, not mkstemp's 0600
+    try:
+        example = x if len(x) > 1 else torch.cat([x, x])  # a batch of one would fix the batch size at 1
+        run = _EXPORTERS[fmt](deployable, example, tmp)
+        got = run(x)
+        diff = (got.float() - expected.float()).abs().max().item() if got.shape == expected.shape else float('inf')
+        limit = tolerance * max(1., expected.abs().max().item())
+        if not diff <= limit:  # NaN fails too
+            raise ExportMismatchError(
+                f'the {fmt} export differs from the PyTorch model: max |difference| {diff:.3g} > {limit:.3g} '
+                f'(outputs {tuple(got.shape)} vs {tuple(expected.shape)}); {out} was not written')
+        os.replace(tmp, out)
+        return diff
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='zoo-export', description=__doc__.split('\n\n')[0],
+        epilog='The export is checked against PyTorch on a real batch and written only if it matches.')
+    p.add_argument('model', help='model name (resnet20_wsbcn.cifar10), Lightning .ckpt, Hub folder or id')
+    p.add_argument('--format', required=True, choices=FORMATS, help='onnx, torchscript, or exported (torch.export .pt2)')
+    p.add_argument('--out', required=True, type=Path, help='file to write')
+    p.add_argument('--image', nargs='+', help='images (or a folder) for the check; default: CIFAR-10 test images')
+    p.add_argument('--pretrained', action='store_true', help='load the default weights of an untagged model name')
+    p.add_argument('--tolerance', type=float, default=1e-4, help='max |difference| / max(1, max |output|) (default 1e-4)')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        model = load_source(args.model, args.pretrained)
+        x = real_batch(model, args.image)
+        diff = export_checked(model, x, args.format, args.out, args.tolerance)
+    except (ExportMismatchError, ImportError, RuntimeError, ValueError, OSError) as e:  # OSError: unreadable files
+        print(f'zoo-export: error: {e}', file=sys.stderr)
+        return 1
+    print(f'{args.format} export of {args.model} written to {args.out}; '
+          f'max |difference| from PyTorch on {tuple(x.shape)} real input: {diff:.3g}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
