@@ -1,9 +1,11 @@
-"""Pretrained tags that need their own build args, and the builder every zoo entrypoint can share.
+"""The builder every zoo entrypoint shares: a tag's build args and converter (from the weights
+registry, :mod:`zoo.hub.registry`), timeouts for downloads, and checks of the weights.
 
 Some weights were trained with settings other than the zoo's defaults: the authors' GN+WS
 ImageNet weights need ``ws_formula='ws'``, their BCN+WS ones ``ws_formula='bcn'`` and a
-large-batch BCN stage. A :class:`WeightSpec` registered for ``'arch.tag'`` carries those build
-args and a converter for the published file layout; :func:`build_zoo_model` applies them.
+large-batch BCN stage. The registry entry of ``'arch.tag'`` carries those build args and a
+converter for the published file layout (families outside the registry can still add a
+:class:`WeightSpec` with :func:`register_weight_spec`); :func:`build_zoo_model` applies them.
 
 When the tag's args apply (the zoo's decision):
 - an explicit tag (``timm.create_model('resnet50_wsbcn.in1k')``): always, pretrained or not,
@@ -31,12 +33,10 @@ from typing import Any, Callable, Dict, Optional
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
+from zoo.hub.registry import SHIPPED_WEIGHTS_DIR, get_entry, shipped_weights
+
 __all__ = ['WeightSpec', 'WEIGHT_SPECS', 'register_weight_spec', 'weight_spec_for', 'build_zoo_model',
            'SHIPPED_WEIGHTS_DIR', 'shipped_weights']
-
-# Hub-ready folders (``hub_upload.py --dry-run --out``) of weights the zoo trained itself and ships
-# inside the package, one per ``arch.tag``: pretrained=True loads them with no network.
-SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'pretrained'
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class WeightSpec:
     filter_fn: Optional[Callable] = None
 
 
-WEIGHT_SPECS: Dict[str, WeightSpec] = {}
+WEIGHT_SPECS: Dict[str, WeightSpec] = {}  # tags outside the registry (other families)
 
 
 def register_weight_spec(name_with_tag: str, spec: WeightSpec) -> None:
@@ -55,21 +55,23 @@ def register_weight_spec(name_with_tag: str, spec: WeightSpec) -> None:
     WEIGHT_SPECS[name_with_tag] = spec
 
 
+def _spec(name_with_tag: str) -> Optional[WeightSpec]:
+    if name_with_tag in WEIGHT_SPECS:
+        return WEIGHT_SPECS[name_with_tag]
+    entry = get_entry(name_with_tag)
+    if entry is None or not (entry.model_args or entry.converter):
+        return None
+    return WeightSpec(model_args=dict(entry.model_args), filter_fn=entry.converter)
+
+
 def weight_spec_for(variant: str, pretrained: bool, pretrained_cfg: Any, pretrained_cfg_overlay=None) -> Optional[WeightSpec]:
     """The spec that applies to this build (see the module docstring), or None."""
     if isinstance(pretrained_cfg, str) and pretrained_cfg:
-        return WEIGHT_SPECS.get(f'{variant}.{pretrained_cfg}')
+        return _spec(f'{variant}.{pretrained_cfg}')
     if pretrained_cfg is None and pretrained:
         tag = resolve_pretrained_cfg(variant, None, pretrained_cfg_overlay).tag
-        return WEIGHT_SPECS.get(f'{variant}.{tag}') if tag else None
+        return _spec(f'{variant}.{tag}') if tag else None
     return None
-
-
-def shipped_weights(name_with_tag: str) -> Optional[Path]:
-    """The shipped ``model.safetensors`` of ``arch.tag``, or None if the package has none."""
-    from zoo.hub import WEIGHTS_NAME
-    path = SHIPPED_WEIGHTS_DIR / name_with_tag.split('/')[-1] / WEIGHTS_NAME
-    return path if path.is_file() else None
 
 
 def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[str, Any]]:

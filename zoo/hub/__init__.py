@@ -1,5 +1,8 @@
 """Load and save zoo models safely: Hub repos, Hub-style folders and Lightning checkpoints.
 
+The weights the zoo knows by tag are listed in one place, :mod:`zoo.hub.registry`
+(``zoo.list_pretrained()`` prints them with their metrics).
+
 Weights are read only with safetensors or ``torch.load(weights_only=True)``. Every loader checks a
 file before a model sees it, so a bad file raises :class:`WeightsError` and no model is ever
 returned half-loaded:
@@ -37,13 +40,14 @@ from timm.models import is_model, split_model_name_tag
 from timm.models._hub import load_model_config_from_path, save_for_hf
 
 from zoo._download import hub_download
+from .registry import PretrainedEntry, list_pretrained
 
 __all__ = [
     'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
     'checkpoint_sha256', 'verify_checkpoint', 'read_weights', 'check_state_dict',
     'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
     'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
-    'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model',
+    'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model', 'PretrainedEntry', 'list_pretrained',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -515,6 +519,3 @@ def main(argv=None) -> int:
         print(f'{folder}: model_config_sha256 {record_model_config_digest(folder)}')
     return 0
 
-
-if __name__ == '__main__':
-    raise SystemExit(main())

@@ -1,0 +1,4 @@
+"""``python -m zoo.hub record-digest FOLDER...``."""
+from zoo.hub import main
+
+raise SystemExit(main())
