@@ -16,13 +16,14 @@ imported (:func:`bound_timm_hub_downloads`), first asks the Hub once, within the
 retries (:func:`probe_hub`). huggingface_hub's own settings are left as they are.
 """
 import functools
+import hashlib
 import os
 import shutil
 import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -30,8 +31,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-__all__ = ['TIMEOUT_ENV', 'download_timeout', 'offline', 'url_cache_path', 'fetch_url', 'probe_hub', 'hub_download',
-           'bound_timm_hub_downloads']
+__all__ = ['TIMEOUT_ENV', 'download_timeout', 'offline', 'url_cache_path', 'fetch_url', 'sha256_mismatch',
+           'fetch_first', 'probe_hub', 'hub_download', 'bound_timm_hub_downloads']
 
 TIMEOUT_ENV = 'ZOO_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT = 30.0
@@ -97,6 +98,59 @@ def fetch_url(url: str, model_dir=None, what: str = 'weights') -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def sha256_mismatch(path: Path, expected: Optional[str]) -> Optional[str]:
+    """Why ``path`` is not the file ``expected`` names (a SHA-256 hex digest, or its first 8+ digits as in
+    torch.hub / OpenMMLab file names), or None when it is (or nothing is expected)."""
+    if not expected:
+        return None
+    h = hashlib.sha256()
+    with path.open('rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    actual = h.hexdigest()
+    if actual.startswith(expected.lower()):
+        return None
+    return f'has SHA-256 {actual[:16]}..., expected {expected[:16]}{"..." if len(expected) > 16 else ""}'
+
+
+def fetch_first(urls: Sequence[str], sha256: Sequence[Optional[str]], model_dir=None, what: str = 'weights') -> Path:
+    """The file of the first source in ``urls`` (the original, then its mirrors) that can be had and whose
+    SHA-256 matches ``sha256`` (one digest or prefix per URL; None: no published digest, not checked).
+
+    Copies already in the cache come first, in source order, so nothing is downloaded that is there;
+    a copy that fails its check is deleted. Offline (``HF_HUB_OFFLINE=1``), only cached copies count.
+    """
+    from zoo.hub import WeightsError
+    sources = list(zip(urls, list(sha256) + [None] * (len(urls) - len(sha256))))
+    failures = []
+    for url, digest in sources:
+        path = url_cache_path(url, model_dir)
+        if path.is_file():
+            why = sha256_mismatch(path, digest)
+            if why is None:
+                return path
+            path.unlink()
+            failures.append(f'{url}: the cached copy {path} {why}; deleted')
+    if offline():
+        raise WeightsError(
+            f'Offline (HF_HUB_OFFLINE=1): the {what} are not in the cache under any of their names, and no download '
+            f'was attempted. {_local_copy_hint(urls[0], url_cache_path(urls[0], model_dir))}'
+            + ''.join(f' Mirror: {u}.' for u in urls[1:]))
+    for url, digest in sources:
+        try:
+            path = fetch_url(url, model_dir, what)
+        except WeightsError as e:
+            failures.append(f'{url}: {e}')
+            continue
+        why = sha256_mismatch(path, digest)
+        if why is None:
+            return path
+        path.unlink()
+        failures.append(f'{url}: the download {why}; deleted')
+    raise WeightsError(f'Could not get the {what} from any of their {len(urls)} sources, tried in order:\n- '
+                       + '\n- '.join(failures))
 
 
 def _no_reply(url: str, timeout: float) -> str:

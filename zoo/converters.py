@@ -9,7 +9,7 @@ Releases (Qiao et al.; files listed in docs/hub.md):
   stage as ``bnX.bn.*`` and the group affine with shape (32,).
 
 Layouts accepted: a flat state dict, or one nested under ``state_dict`` / ``model`` (training
-checkpoints, mmcv); wrapper prefixes ``module.`` (DataParallel), ``backbone.`` (mmcv) and
+checkpoints, mmcv; unwrapped by the zoo's one checkpoint reader, :mod:`zoo.hub.reading`); wrapper prefixes ``module.`` (DataParallel), ``backbone.`` (mmcv) and
 ``_orig_mod.`` (torch.compile); mmcv norm names ``gnX`` / ``normX`` for ``bnX``. Conv weights are
 stored un-standardized in all of them, so they are copied as they are; the model's WS formula
 must be the one they were trained with, which the ``.in1k`` tags set.
@@ -25,28 +25,12 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from zoo.hub.reading import unwrap_checkpoint
+
 __all__ = ['unwrap_checkpoint', 'strip_prefixes', 'convert_gn_ws', 'convert_bcn_ws', 'CONVERTERS', 'main']
 
 _WRAPPER_PREFIXES = ('module.', 'backbone.', '_orig_mod.')
-_NESTED_KEYS = ('state_dict', 'model')
 _MMCV_NORM = re.compile(r'(^|\.)(?:gn|norm)(\d)(?=\.)')
-
-
-def unwrap_checkpoint(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint (flat, or nested under ``state_dict`` / ``model``).
-
-    A nested entry wins even when the top level also holds tensors: training checkpoints keep
-    0-dim metrics such as ``acc`` / ``best_acc`` next to ``state_dict``.
-    """
-    obj = checkpoint
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError('No state dict found in the checkpoint (expected tensors, or a "state_dict" entry).')
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=_WRAPPER_PREFIXES) -> Dict[str, torch.Tensor]:

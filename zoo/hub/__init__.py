@@ -3,7 +3,8 @@
 The weights the zoo knows by tag are listed in one place, :mod:`zoo.hub.registry`
 (``zoo.list_pretrained()`` prints them with their metrics).
 
-Weights are read only with safetensors or ``torch.load(weights_only=True)``. Every loader checks a
+Weights are read only with safetensors or ``torch.load(weights_only=True)``, by the one checkpoint
+reader (:mod:`zoo.hub.reading`, which also states the EMA rule). Every loader checks a
 file before a model sees it, so a bad file raises :class:`WeightsError` and no model is ever
 returned half-loaded:
 
@@ -20,7 +21,6 @@ seconds when the Hub does not answer (:mod:`zoo._download`).
 import hashlib
 import json
 import logging
-import pickle
 import re
 from contextlib import contextmanager
 from copy import deepcopy
@@ -28,18 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-from safetensors import SafetensorError
 from timm.models import is_model, split_model_name_tag
 from timm.models._hub import load_model_config_from_path, save_for_hf
 
 from zoo._download import hub_download
+from .reading import (
+    CHECKPOINT_DIGEST_KEY, WeightsError, checkpoint_sha256, read_state_dict, read_weights, state_dict_sha256,
+    strip_to_model_keys, unwrap_checkpoint, verify_checkpoint)
 from .registry import PretrainedEntry, list_pretrained
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
     'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
     'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model', 'PretrainedEntry', 'list_pretrained',
+    'read_state_dict', 'unwrap_checkpoint', 'strip_to_model_keys',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -55,93 +57,7 @@ _logger = logging.getLogger(__name__)
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
-CHECKPOINT_DIGEST_KEY = 'zoo_sha256'  # Lightning checkpoints the zoo writes: checkpoint_sha256 of the rest
 _REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
-
-
-class WeightsError(RuntimeError):
-    """Weights missing, unreadable, truncated, tampered with, or not fitting the model."""
-
-
-# ----------------------------------------------------------------------------------- reading
-
-def _update_tensor(h, name: str, t: torch.Tensor) -> None:
-    t = t.detach().to('cpu').contiguous()
-    h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
-
-
-def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of every tensor (independent of file format)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        _update_tensor(h, name, state_dict[name])
-    return h.hexdigest()
-
-
-def _tensors(obj: Any, path: str):
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k], f'{path}/{k}')
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f'{path}/{i}')
-
-
-def checkpoint_sha256(checkpoint: Mapping[str, Any]) -> str:
-    """SHA-256 over every tensor of a Lightning checkpoint (weights, optimizer state, ...), by path."""
-    h = hashlib.sha256()
-    for path, t in _tensors({k: v for k, v in checkpoint.items() if k != CHECKPOINT_DIGEST_KEY}, ''):
-        _update_tensor(h, path, t)
-    return h.hexdigest()
-
-
-def verify_checkpoint(checkpoint: Mapping[str, Any], path: Union[str, Path]) -> None:
-    """Refuse a checkpoint whose tensors differ from the digest recorded when the zoo wrote it.
-
-    Checkpoints without a digest (written by plain Lightning, or by the zoo before it recorded
-    one) load unchecked.
-    """
-    expected = checkpoint.get(CHECKPOINT_DIGEST_KEY) if isinstance(checkpoint, Mapping) else None
-    if not expected:
-        return
-    actual = checkpoint_sha256(checkpoint)
-    if actual != expected:
-        raise WeightsError(
-            f'Checkpoint {path} does not match the digest recorded when it was written (expected sha256 '
-            f'{expected[:16]}..., got {actual[:16]}...): its tensor data was modified or corrupted on disk. '
-            f'Do not use it; resume from or load another checkpoint.')
-
-
-def _is_safetensors(path: Path) -> bool:
-    with path.open('rb') as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{'
-
-
-def read_weights(path: Union[str, Path]) -> Any:
-    """Read a safetensors file, or a torch file with ``weights_only=True``; clear errors when bad."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f'Weights file {path} does not exist.')
-    size = path.stat().st_size
-    try:
-        if _is_safetensors(path):
-            return safetensors.torch.load_file(str(path), device='cpu')
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights only' not in str(e).lower():
-            raise WeightsError(f'Cannot read weights file {path} ({size} bytes): {e}. The file is truncated or '
-                               f'corrupted; delete it and download it again.') from e
-        raise WeightsError(
-            f'{path} holds Python objects that weights_only loading refuses ({e}). The zoo never unpickles '
-            f'arbitrary objects; if you trust the file, re-save its state_dict with safetensors.') from e
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(
-            f'Cannot read weights file {path} ({size} bytes): {e}. The file is truncated or corrupted '
-            f'(an interrupted download?). Delete it and download it again.') from e
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
@@ -448,26 +364,6 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
         monitor=monitor, best_score=best)
 
 
-def _strip_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """Drop the LightningModule attribute prefix (``model.``, ``ema.module.``, ...) that fits the model.
-
-    When both the raw weights and an EMA copy fit, ``use_ema`` picks the EMA (timm's convention,
-    and the weights a module that validates with its EMA reported metrics for).
-    """
-    model_keys = set(model_keys)
-    candidates = {'': sum(k in model_keys for k in state_dict)}
-    for k in state_dict:
-        for i, ch in enumerate(k):
-            if ch == '.' and k[:i + 1] not in candidates:
-                prefix = k[:i + 1]
-                candidates[prefix] = sum(key[len(prefix):] in model_keys for key in state_dict if key.startswith(prefix))
-    best = max(candidates.values())
-    fitting = [p for p, hits in candidates.items() if hits == best]
-    ema = [p for p in fitting if 'ema' in p.lower()]
-    prefix = (ema if use_ema and ema else [p for p in fitting if p not in ema] or fitting)[0]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def load_lightning_checkpoint(
         path: Union[str, Path],
         model_name: Optional[str] = None,
@@ -490,7 +386,7 @@ def load_lightning_checkpoint(
     build_kwargs = {k: v for k, v in ckpt.model_kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay')}
     build_kwargs.update(kwargs)
     model = timm.create_model(name, **build_kwargs)
-    state_dict = _strip_to_model_keys(ckpt.state_dict, model.state_dict().keys(), use_ema=use_ema)
+    state_dict = strip_to_model_keys(ckpt.state_dict, model.state_dict().keys(), use_ema=use_ema)
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     w = state_dict.get(f'{classifier}.weight')
     if 'num_classes' not in build_kwargs and w is not None and w.shape[0] != getattr(model, 'num_classes', w.shape[0]):

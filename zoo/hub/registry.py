@@ -14,9 +14,7 @@ import fnmatch
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
-
-from zoo.converters import convert_bcn_ws, convert_gn_ws
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = ['Metric', 'PretrainedEntry', 'ENTRIES', 'SHIPPED_WEIGHTS_DIR', 'HUB_ORG', 'shipped_weights',
            'get_entry', 'entries', 'pretrained_cfgs', 'cifar10_tag', 'list_pretrained']
@@ -52,7 +50,7 @@ class PretrainedEntry:
     urls: Tuple[str, ...] = ()
     sha256: Tuple[Optional[str], ...] = ()
     model_args: Mapping[str, Any] = field(default_factory=dict)  # build args the weights need
-    converter: Optional[Callable] = None  # fn(state_dict, model) for a published file layout
+    converter: Optional[str] = None  # name in zoo.converters.CONVERTERS: fn(state_dict, model) for a published layout
     published_metrics: Tuple[Metric, ...] = ()  # numbers published with remote weights
     notes: Tuple[str, ...] = ()
 
@@ -140,7 +138,7 @@ def _authors_in1k(name: str, url: str, mirror: Optional[str] = None, top1_err: O
         name=name, description=f'{name.split(".")[0]} trained on ImageNet-1k by the authors of '
                                f'arXiv:1903.10520',
         dataset='imagenet-1k', recipe=_AUTHORS_RECIPE, license='unknown', urls=urls, sha256=sha256,
-        model_args=_WS_ARGS if wsgn else _BCN_ARGS, converter=convert_gn_ws if wsgn else convert_bcn_ws,
+        model_args=_WS_ARGS if wsgn else _BCN_ARGS, converter='gn_ws' if wsgn else 'bcn_ws',
         published_metrics=metrics, notes=tuple(notes))
 
 
@@ -200,7 +198,7 @@ def list_pretrained(pattern: str = '*', file=None) -> List[str]:
     file = file or sys.stdout
     found = entries(pattern)
     for e in found:
-        where = 'shipped' if e.shipped else e.urls[0]
+        where = 'shipped' if e.shipped else e.urls[0] + ''.join(f', then {u}' for u in e.urls[1:])
         metrics = '; '.join(f'{m.name} {m.value:g}% ({m.dataset} {m.split})' for m in e.metrics()) or 'no metrics'
         print(f'{e.name}: {metrics}. Recipe: {e.recipe}. License: {e.license}. Weights: {where}.', file=file)
     return [e.name for e in found]

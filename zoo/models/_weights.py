@@ -61,7 +61,8 @@ def _spec(name_with_tag: str) -> Optional[WeightSpec]:
     entry = get_entry(name_with_tag)
     if entry is None or not (entry.model_args or entry.converter):
         return None
-    return WeightSpec(model_args=dict(entry.model_args), filter_fn=entry.converter)
+    from zoo.converters import CONVERTERS
+    return WeightSpec(model_args=dict(entry.model_args), filter_fn=CONVERTERS[entry.converter] if entry.converter else None)
 
 
 def weight_spec_for(variant: str, pretrained: bool, pretrained_cfg: Any, pretrained_cfg_overlay=None) -> Optional[WeightSpec]:
@@ -133,15 +134,24 @@ def _weights_location(variant: str, pretrained_cfg, overlay) -> str:
     return str(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or variant)
 
 
-def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> None:
-    """Fetch URL / Hub weights with a timeout (offline: not at all) before timm reads them from its cache."""
-    from zoo._download import fetch_url, hub_download
+def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> Optional[Path]:
+    """Fetch URL / Hub weights with a timeout (offline: not at all) before timm reads them from its cache.
+
+    A registry tag's URL weights come from its sources in order (the authors' URL, then mirrors), each
+    checked against its SHA-256 where one is published; returns the file when it is not where timm
+    looks for the tag's URL (a mirror's), else None. A URL of the caller's is fetched as it is."""
+    from zoo._download import fetch_first, fetch_url, hub_download, url_cache_path
     from huggingface_hub.errors import EntryNotFoundError
     from timm.models._builder import _resolve_pretrained_source
     from timm.models._hub import hf_split
     cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else resolve_pretrained_cfg(
         variant, pretrained_cfg, overlay).to_dict()
     load_from, where = _resolve_pretrained_source(cfg)
+    entry = get_entry(f'{variant}.{cfg.get("tag")}') if cfg.get('tag') else None
+    own_url = isinstance(pretrained_cfg, dict) or (overlay or {}).get('url')
+    if load_from == 'url' and entry is not None and entry.urls and not own_url:
+        path = fetch_first(entry.urls, entry.sha256, cache_dir, what=f'weights of {variant}.{entry.tag}')
+        return None if path == url_cache_path(where, cache_dir) else path
     if load_from == 'url':
         fetch_url(where, cache_dir, what=f'weights of {variant}')
     elif load_from == 'hf-hub':
@@ -151,6 +161,7 @@ def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> None:
             hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
         except EntryNotFoundError:
             pass  # another file name (pytorch_model.bin): timm looks for it
+    return None
 
 
 def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretrained_cfg=None,
@@ -158,7 +169,9 @@ def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretraine
     """``timm.build_model_with_cfg`` plus tag build args, layout converters and weight checks."""
     from zoo.hub import WeightsError
     if pretrained:
-        _prefetch(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)
+        fetched = _prefetch(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)
+        if fetched is not None:  # a mirror's file, under its own name: timm would look for the original's
+            pretrained_cfg_overlay = dict(pretrained_cfg_overlay or {}, file=str(fetched))
     spec = weight_spec_for(variant, pretrained, pretrained_cfg, pretrained_cfg_overlay)
     tag_args = deepcopy(spec.model_args) if spec else {}
     for k, v in tag_args.items():
