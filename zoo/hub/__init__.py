@@ -1,7 +1,12 @@
 """Load and save zoo models safely: Hub repos, Hub-style folders and Lightning checkpoints.
 
-The weights the zoo knows by tag are listed in one place, :mod:`zoo.hub.registry`
-(``zoo.list_pretrained()`` prints them with their metrics).
+Everything about weights lives in this package, one module per job:
+- :mod:`~zoo.hub.registry`: the single list of the zoo's weights (``zoo.list_pretrained()`` prints it);
+- :mod:`~zoo.hub.reading`: the one checkpoint reader (files, digests, layouts, the EMA rule);
+- :mod:`~zoo.hub.folders`: Hub-style folders and Hub repos;
+- :mod:`~zoo.hub.lightning`: Lightning checkpoints;
+- :mod:`~zoo.hub.publish`: model cards and publishing (``hub_upload.py`` is its entry point).
+The converters of the authors' layouts are :mod:`zoo.converters`; downloads are :mod:`zoo._download`.
 
 Weights are read only with safetensors or ``torch.load(weights_only=True)``, by the one checkpoint
 reader (:mod:`zoo.hub.reading`, which also states the EMA rule). Every loader checks a
@@ -18,381 +23,29 @@ works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the chec
 errors for missing weights offline (``HF_HUB_OFFLINE=1``), and fails within ``ZOO_DOWNLOAD_TIMEOUT``
 seconds when the Hub does not answer (:mod:`zoo._download`).
 """
-import hashlib
-import json
-import logging
-import re
-from contextlib import contextmanager
-from copy import deepcopy
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Union
 
-import timm
-import torch
 import torch.nn as nn
-from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import (
-    EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-from timm.models import is_model, split_model_name_tag
-from timm.models._hub import load_model_config_from_path, save_for_hf
 
-from zoo._download import hub_download
+from . import registry  # noqa: F401 (zoo.hub.registry)
+from .folders import (
+    CONFIG_NAME, WEIGHTS_NAME, ZOO_CONFIG_KEY, check_classifier, load_hub_model, main,
+    model_config_sha256, record_model_config_digest, save_hub_folder, verify_model_config, verify_state_dict)
+from .lightning import LightningCheckpoint, load_lightning_checkpoint, read_lightning_checkpoint
 from .reading import (
-    CHECKPOINT_DIGEST_KEY, WeightsError, checkpoint_sha256, read_state_dict, read_weights, state_dict_sha256,
-    strip_to_model_keys, unwrap_checkpoint, verify_checkpoint)
+    CHECKPOINT_DIGEST_KEY, WeightsError, check_state_dict, checkpoint_sha256, load_weights, read_state_dict,
+    read_weights, state_dict_sha256, strip_to_model_keys, unwrap_checkpoint, verify_checkpoint)
 from .registry import PretrainedEntry, list_pretrained
 
 __all__ = [
-    'WeightsError', 'WEIGHTS_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
+    'WeightsError', 'WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
     'checkpoint_sha256', 'verify_checkpoint', 'read_weights', 'check_state_dict',
     'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
     'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
     'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model', 'PretrainedEntry', 'list_pretrained',
     'read_state_dict', 'unwrap_checkpoint', 'strip_to_model_keys',
 ]
-
-_logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = 'model.safetensors'
-CONFIG_NAME = 'config.json'
-ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
-_REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-    """Raise :class:`WeightsError` unless ``state_dict`` fits ``model`` (checked before any copy)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        f'{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    problems = []
-    if wrong:
-        problems.append(f'{len(wrong)} shape mismatches ({"; ".join(wrong[:5])})')
-    if strict and missing:
-        problems.append(f'{len(missing)} missing keys ({", ".join(missing[:5])})')
-    if strict and unexpected:
-        problems.append(f'{len(unexpected)} unexpected keys ({", ".join(unexpected[:5])})')
-    if problems:
-        raise WeightsError(f'Weights do not fit {type(model).__name__}: ' + '; '.join(problems) + '.')
-
-
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> nn.Module:
-    """Check, then copy ``state_dict`` into ``model``: all of it or (on error) nothing."""
-    check_state_dict(model, state_dict, strict=strict)
-    model.load_state_dict(state_dict, strict=strict)
-    return model
-
-
-def verify_state_dict(state_dict: Mapping[str, torch.Tensor], expected_sha256: Optional[str], source: str) -> None:
-    """Compare with the digest recorded at publishing time (skipped when none was recorded)."""
-    if not expected_sha256:
-        return
-    actual = state_dict_sha256(state_dict)
-    if actual != expected_sha256:
-        raise WeightsError(
-            f'The weights of {source} do not match the digest recorded in its {CONFIG_NAME} '
-            f'(expected sha256 {expected_sha256[:16]}..., got {actual[:16]}...): the file was modified or '
-            f'corrupted after publishing. Delete it and download it again.')
-
-
-def _recorded_sha256(config: Mapping[str, Any]) -> Optional[str]:
-    return (config.get(ZOO_CONFIG_KEY) or {}).get('state_dict_sha256')
-
-
-# What timm builds the model from (``timm.models._hub._parse_model_cfg`` and ``load_pretrained``):
-# the architecture, its arguments (WS formula, norm args, ...), the number of classes, and where the
-# classifier and stem are. Labels, descriptions and data settings may be edited freely.
-_MODEL_CONFIG_FIELDS = ('architecture', 'num_classes', 'model_args')
-_MODEL_PRETRAINED_CFG_FIELDS = ('num_classes', 'classifier', 'first_conv', 'label_offset', 'custom_load')
-
-
-def model_config_sha256(config: Mapping[str, Any]) -> str:
-    """SHA-256 over the ``config.json`` fields that define the model (not labels or descriptions)."""
-    pretrained_cfg = config.get('pretrained_cfg', config)  # timm's legacy configs are one flat dict
-    defining = {'config': {k: config.get(k) for k in _MODEL_CONFIG_FIELDS},
-                'pretrained_cfg': {k: pretrained_cfg.get(k) for k in _MODEL_PRETRAINED_CFG_FIELDS}}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
-
-
-def verify_model_config(config: Mapping[str, Any], source: str) -> None:
-    """Refuse a ``config.json`` whose model-defining fields differ from those recorded at publishing time.
-
-    Folders with a weights digest but no config digest (published before the zoo recorded one)
-    load with a warning: their ``config.json`` is not protected.
-    """
-    zoo_meta = config.get(ZOO_CONFIG_KEY) or {}
-    expected = zoo_meta.get('model_config_sha256')
-    if not expected:
-        if zoo_meta.get('state_dict_sha256'):
-            _logger.warning('%s records no model_config_sha256: edits of its %s are not detected '
-                            '(re-record with `python -m zoo.hub record-digest FOLDER`).', source, CONFIG_NAME)
-        return
-    if model_config_sha256(config) != expected:
-        fields = ', '.join(list(_MODEL_CONFIG_FIELDS) + [f'pretrained_cfg.{k}' for k in _MODEL_PRETRAINED_CFG_FIELDS])
-        raise WeightsError(
-            f'The {CONFIG_NAME} of {source} was modified after publishing: the fields that define the model '
-            f'({fields}) differ from the digest recorded with it, so the weights would build another model '
-            f'than the one they were trained as. Restore the original {CONFIG_NAME}; to fine-tune with another '
-            f'number of classes, pass num_classes=... to the loader instead of editing the file.')
-
-
-def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any],
-                     num_classes: Optional[int], source: str) -> None:
-    """Refuse to drop a trained head that fits: timm replaces the classifier whenever the model's
-    ``num_classes`` differs from the config's, even when the weights' head has the model's size
-    (a ``config.json`` whose ``num_classes`` was edited). Another ``num_classes`` asked for by the
-    caller still gets a new head."""
-    classifier, n = pretrained_cfg.get('classifier'), pretrained_cfg.get('num_classes')
-    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    for name in names:
-        w = state_dict.get(f'{name}.weight')
-        if w is None or n is None or num_classes in (None, n) or w.ndim < 1 or w.shape[0] != num_classes:
-            continue
-        raise WeightsError(
-            f'{source}: the config says num_classes={n}, but the classifier {name}.weight in the weights has '
-            f'{w.shape[0]} outputs, the size the model was built with, so the trained head would be silently '
-            f'replaced. If {CONFIG_NAME} was edited, restore it; for a file of your own, pass '
-            f'pretrained_cfg_overlay=dict(num_classes={w.shape[0]}).')
-
-
-# ----------------------------------------------------------------------------------- saving
-
-def save_hub_folder(
-        model: nn.Module,
-        folder: Union[str, Path],
-        label_names: Optional[Any] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-        extra: Optional[Dict[str, Any]] = None,
-        pretrained_cfg: Optional[Dict[str, Any]] = None,
-) -> Path:
-    """Write ``model.safetensors`` and timm's ``config.json`` (with the state-dict digest) to ``folder``.
-
-    Uses timm's ``save_for_hf``, so the folder loads with ``timm.create_model('local-dir:FOLDER')``
-    and, once pushed, with ``hf-hub:``. ``data_config`` overrides mean/std/input size/crop;
-    ``pretrained_cfg`` overrides other fields (e.g. the description); ``extra`` goes under ``"zoo"``.
-    """
-    folder = Path(folder)
-    zoo_meta = dict(extra or {}, state_dict_sha256=state_dict_sha256(model.state_dict()), weights=WEIGHTS_NAME)
-    model_config = {ZOO_CONFIG_KEY: zoo_meta}
-    if pretrained_cfg:
-        model_config['pretrained_cfg'] = dict(pretrained_cfg)
-    if label_names:
-        model_config['label_names'] = list(label_names)
-    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
-    record_model_config_digest(folder, check_weights=False)  # the weights digest was just computed from the model
-    return folder
-
-
-def record_model_config_digest(folder: Union[str, Path], check_weights: bool = True) -> str:
-    """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest).
-
-    :func:`save_hub_folder` calls it; run it by hand (``python -m zoo.hub record-digest FOLDER``) only
-    for a folder whose ``config.json`` is known to be the original.
-    """
-    cfg_file = Path(folder) / CONFIG_NAME
-    config = json.loads(cfg_file.read_text())
-    if check_weights:
-        verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
-    digest = model_config_sha256(config)
-    config.setdefault(ZOO_CONFIG_KEY, {})['model_config_sha256'] = digest
-    cfg_file.write_text(json.dumps(config, indent=2))  # timm's save_for_hf layout
-    return digest
-
-
-# ----------------------------------------------------------------------------------- Hub repos and folders
-
-def _offline() -> bool:
-    return bool(hf_constants.HF_HUB_OFFLINE)
-
-
-@contextmanager
-def _hub_errors(repo_id: str, revision: Optional[str]):
-    """Turn huggingface_hub's download errors into ones that say what to download or set."""
-    where = f'{repo_id}' + (f'@{revision}' if revision else '')
-    try:
-        yield
-    except LocalEntryNotFoundError as e:
-        raise WeightsError(
-            f'{where} is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and the Hub cannot be reached'
-            f'{" (HF_HUB_OFFLINE=1)" if _offline() else ""}. Where there is internet, run '
-            f'`hf download {repo_id}{f" --revision {revision}" if revision else ""}` and bring that cache here '
-            f'(or point HF_HUB_CACHE at it), or save the model folder and load it with local-dir:PATH.') from e
-    except RevisionNotFoundError as e:
-        raise WeightsError(f'{where}: revision {revision!r} does not exist.') from e
-    except RepositoryNotFoundError as e:
-        raise WeightsError(
-            f'{where}: no such repo, or it is private or gated. Log in with `hf auth login` '
-            f'or set HF_TOKEN to a token that can read it.') from e
-    except EntryNotFoundError as e:
-        raise WeightsError(f'{where} has no {e}: was it published with hub_upload.py (or timm push_to_hf_hub)?') from e
-
-
-def _resolve_folder(source: str, revision: Optional[str], cache_dir) -> Tuple[Path, str]:
-    """``(folder holding config.json and the weights, label for messages)`` for a dir or a repo id."""
-    if source.startswith('local-dir:'):
-        source = source[len('local-dir:'):]
-        if not Path(source).is_dir():
-            raise WeightsError(f'local-dir:{source} is not a directory.')
-    if Path(source).is_dir():
-        folder = Path(source)
-        if not (folder / CONFIG_NAME).is_file():
-            raise WeightsError(f'{folder} has no {CONFIG_NAME}: not a Hub-style model folder (see hub_upload.py).')
-        if not (folder / WEIGHTS_NAME).is_file():
-            raise WeightsError(f'{folder} has no {WEIGHTS_NAME}: copy the weights next to {CONFIG_NAME}.')
-        return folder, str(folder)
-    repo_id = source[len('hf-hub:'):] if source.startswith(('hf-hub:', 'hf_hub:')) else source
-    if not _REPO_ID.match(repo_id):
-        raise WeightsError(f'{source!r} is neither an existing folder nor a Hub repo id (ORG/NAME).')
-    if '@' in repo_id:
-        repo_id, revision = repo_id.split('@', 1)
-    with _hub_errors(repo_id, revision):
-        cfg_file = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
-        hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
-    return Path(cfg_file).parent, f'hf-hub:{repo_id}' + (f'@{revision}' if revision else '')
-
-
-def load_hub_model(
-        source: str,
-        revision: Optional[str] = None,
-        cache_dir: Optional[Union[str, Path]] = None,
-        **kwargs,
-) -> nn.Module:
-    """A model from a Hub repo (``ORG/NAME``, ``hf-hub:ORG/NAME[@REV]``) or a folder (``local-dir:PATH``).
-
-    Checks the weights (readable, digest, keys and shapes) before timm builds the model and loads
-    them; kwargs go to ``timm.create_model`` (e.g. ``num_classes=5`` re-initialises the classifier).
-    """
-    folder, label = _resolve_folder(source, revision, cache_dir)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    verify_model_config(config, label)
-    state_dict = read_weights(folder / WEIGHTS_NAME)
-    verify_state_dict(state_dict, _recorded_sha256(config), label)
-    pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
-    if not is_model(arch):
-        raise WeightsError(f'{label} needs architecture {arch!r}, which is not registered (import its package first).')
-    for k in ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url'):
-        pretrained_cfg.pop(k, None)
-    pretrained_cfg['state_dict'] = state_dict  # timm's highest-priority weight source: no second read
-    for k, v in (model_args or {}).items():
-        kwargs.setdefault(k, v)
-    try:
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg=pretrained_cfg, **kwargs)
-    except RuntimeError as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f'Weights of {label} do not fit {arch}: {e}') from e
-    model.pretrained_cfg.pop('state_dict', None)
-    model.pretrained_cfg['source'] = label
-    return model
-
-
-# ----------------------------------------------------------------------------------- Lightning checkpoints
-
-_MODEL_NAME_KEYS = ('model_name', 'model', 'arch', 'architecture', 'backbone')
-_MODEL_KWARG_KEYS = ('num_classes', 'in_chans', 'ws_formula', 'norm_groups', 'norm_kwargs', 'global_pool')
-_MODEL_KWARGS_DICTS = ('model_kwargs', 'model_args')
-
-
-@dataclass
-class LightningCheckpoint:
-    """What a Lightning checkpoint tells about the model it holds and the run that produced it."""
-    path: Path
-    state_dict: Dict[str, torch.Tensor]
-    hparams: Dict[str, Any]
-    model_name: Optional[str]
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    epoch: Optional[int] = None
-    global_step: Optional[int] = None
-    epochs_completed: Optional[int] = None
-    monitor: Optional[str] = None
-    best_score: Optional[float] = None
-
-
-def _epochs_completed(ckpt: Mapping[str, Any]) -> Optional[int]:
-    """Whole epochs trained, from the fit loop's progress (``epoch`` alone is off by one after fit)."""
-    try:
-        return int(ckpt['loops']['fit_loop']['epoch_progress']['current']['processed'])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _walk(d: Any):
-    if isinstance(d, Mapping):
-        for k, v in d.items():
-            yield k, v
-            yield from _walk(v)
-
-
-def _find_model_name(hparams: Mapping[str, Any]) -> Optional[str]:
-    for k, v in _walk(hparams):
-        if k in _MODEL_NAME_KEYS and isinstance(v, str) and is_model(split_model_name_tag(v)[0]):
-            return v
-    return None
-
-
-def _find_model_kwargs(hparams: Mapping[str, Any]) -> Dict[str, Any]:
-    kwargs = {}
-    for k, v in _walk(hparams):
-        if k in _MODEL_KWARGS_DICTS and isinstance(v, Mapping):
-            kwargs.update(v)
-    for k in _MODEL_KWARG_KEYS:
-        if k in hparams and hparams[k] is not None:
-            kwargs.setdefault(k, deepcopy(hparams[k]))
-    return kwargs
-
-
-def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
-    """Read (``weights_only=True``) a Lightning ``.ckpt``: state dict, hyper-parameters, best score."""
-    path = Path(path)
-    ckpt = read_weights(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), Mapping):
-        raise WeightsError(f'{path} is not a Lightning checkpoint (no "state_dict" entry).')
-    verify_checkpoint(ckpt, path)
-    hparams = dict(ckpt.get('hyper_parameters') or {})
-    monitor = best = None
-    for state in (ckpt.get('callbacks') or {}).values():
-        if isinstance(state, Mapping) and state.get('best_model_score') is not None:
-            monitor, best = state.get('monitor'), float(state['best_model_score'])
-            break
-    return LightningCheckpoint(
-        path=path, state_dict=dict(ckpt['state_dict']), hparams=hparams, model_name=_find_model_name(hparams),
-        model_kwargs=_find_model_kwargs(hparams), epoch=ckpt.get('epoch'), global_step=ckpt.get('global_step'),
-        epochs_completed=_epochs_completed(ckpt),
-        monitor=monitor, best_score=best)
-
-
-def load_lightning_checkpoint(
-        path: Union[str, Path],
-        model_name: Optional[str] = None,
-        strict: bool = True,
-        use_ema: bool = True,
-        **kwargs,
-) -> nn.Module:
-    """The timm / zoo model inside a Lightning checkpoint, with its weights (its EMA copy if it has one).
-
-    The architecture comes from ``model_name`` or the checkpoint's hyper-parameters (``model_name``,
-    ``model``, ``arch``; plus ``num_classes``, ``ws_formula``, ``norm_kwargs``, ``model_kwargs``);
-    the LightningModule's attribute prefix (``model.``) is found by matching the model's keys.
-    """
-    ckpt = read_lightning_checkpoint(path)
-    name = model_name or ckpt.model_name
-    if not name:
-        raise WeightsError(
-            f'{path}: the checkpoint does not name its model (no model_name/model/arch hyper-parameter); '
-            f'pass model_name=...')
-    build_kwargs = {k: v for k, v in ckpt.model_kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay')}
-    build_kwargs.update(kwargs)
-    model = timm.create_model(name, **build_kwargs)
-    state_dict = strip_to_model_keys(ckpt.state_dict, model.state_dict().keys(), use_ema=use_ema)
-    classifier = model.pretrained_cfg.get('classifier') or 'fc'
-    w = state_dict.get(f'{classifier}.weight')
-    if 'num_classes' not in build_kwargs and w is not None and w.shape[0] != getattr(model, 'num_classes', w.shape[0]):
-        model = timm.create_model(name, **dict(build_kwargs, num_classes=w.shape[0]))
-    load_weights(model, state_dict, strict=strict)
-    return model
 
 
 def load_model(source: Union[str, Path], **kwargs) -> nn.Module:
@@ -401,17 +54,3 @@ def load_model(source: Union[str, Path], **kwargs) -> nn.Module:
     if Path(s).is_file():
         return load_lightning_checkpoint(s, **kwargs)
     return load_hub_model(s, **kwargs)
-
-
-def main(argv=None) -> int:
-    """``python -m zoo.hub record-digest FOLDER...``: record the config digest of original folders."""
-    import argparse
-    p = argparse.ArgumentParser(prog='python -m zoo.hub')
-    sub = p.add_subparsers(dest='command', required=True)
-    rec = sub.add_parser('record-digest', help=record_model_config_digest.__doc__.splitlines()[0])
-    rec.add_argument('folders', nargs='+')
-    args = p.parse_args(argv)
-    for folder in args.folders:
-        print(f'{folder}: model_config_sha256 {record_model_config_digest(folder)}')
-    return 0
-

@@ -1,4 +1,4 @@
 """``python -m zoo.hub record-digest FOLDER...``."""
-from zoo.hub import main
+from zoo.hub.folders import main
 
 raise SystemExit(main())

@@ -10,7 +10,8 @@
   timm's convention, and the weights a module that validates with its EMA reported metrics for);
   ``use_ema=False`` takes the raw weights.
 
-Every failure is a :class:`WeightsError` that names the file and says what to do.
+Every failure is a :class:`WeightsError` that names the file and says what to do; :func:`check_state_dict`
+checks keys and shapes against a model before anything is copied.
 """
 import hashlib
 import pickle
@@ -19,10 +20,12 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import safetensors.torch
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 
 __all__ = ['WeightsError', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256', 'checkpoint_sha256', 'verify_checkpoint',
-           'read_weights', 'unwrap_checkpoint', 'strip_to_model_keys', 'read_state_dict']
+           'read_weights', 'unwrap_checkpoint', 'strip_to_model_keys', 'read_state_dict', 'check_state_dict',
+           'load_weights']
 
 CHECKPOINT_DIGEST_KEY = 'zoo_sha256'  # Lightning checkpoints the zoo writes: checkpoint_sha256 of the rest
 _NESTED_KEYS = ('state_dict', 'model')
@@ -176,3 +179,31 @@ def read_state_dict(path: Union[str, Path], model_keys: Optional[Iterable[str]] 
     if model_keys is not None:
         return strip_to_model_keys(state_dict, model_keys, use_ema=use_ema)
     return _module_prefix_keys(state_dict, use_ema)
+
+
+# ----------------------------------------------------------------------------------- fitting a model
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Raise :class:`WeightsError` unless ``state_dict`` fits ``model`` (checked before any copy)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f'{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = []
+    if wrong:
+        problems.append(f'{len(wrong)} shape mismatches ({"; ".join(wrong[:5])})')
+    if strict and missing:
+        problems.append(f'{len(missing)} missing keys ({", ".join(missing[:5])})')
+    if strict and unexpected:
+        problems.append(f'{len(unexpected)} unexpected keys ({", ".join(unexpected[:5])})')
+    if problems:
+        raise WeightsError(f'Weights do not fit {type(model).__name__}: ' + '; '.join(problems) + '.')
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Check, then copy ``state_dict`` into ``model``: all of it or (on error) nothing."""
+    check_state_dict(model, state_dict, strict=strict)
+    model.load_state_dict(state_dict, strict=strict)
+    return model

@@ -95,7 +95,8 @@ def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[s
 
 def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
     def filter_fn(state_dict, model):
-        from zoo.hub import _recorded_sha256, check_classifier, check_state_dict, verify_model_config, verify_state_dict
+        from zoo.hub import check_classifier, check_state_dict, verify_model_config, verify_state_dict
+        from zoo.hub.folders import _recorded_sha256
         cfg = model.pretrained_cfg
         source = cfg.get('hf_hub_id') or cfg.get('file') or ''
         folder_config = _folder_config(cfg, cache_dir)
