@@ -5,8 +5,9 @@ Everything about weights lives in this package, one module per job:
 - :mod:`~zoo.hub.reading`: the one checkpoint reader (files, digests, layouts, the EMA rule);
 - :mod:`~zoo.hub.folders`: Hub-style folders and Hub repos;
 - :mod:`~zoo.hub.lightning`: Lightning checkpoints;
+- :mod:`~zoo.hub.converters`: the authors' checkpoint layouts (``python -m zoo.converters`` converts a file);
 - :mod:`~zoo.hub.publish`: model cards and publishing (``hub_upload.py`` is its entry point).
-The converters of the authors' layouts are :mod:`zoo.converters`; downloads are :mod:`zoo._download`.
+Downloads with timeouts and offline handling are :mod:`zoo._download`.
 
 Weights are read only with safetensors or ``torch.load(weights_only=True)``, by the one checkpoint
 reader (:mod:`zoo.hub.reading`, which also states the EMA rule). Every loader checks a

@@ -50,7 +50,7 @@ class PretrainedEntry:
     urls: Tuple[str, ...] = ()
     sha256: Tuple[Optional[str], ...] = ()
     model_args: Mapping[str, Any] = field(default_factory=dict)  # build args the weights need
-    converter: Optional[str] = None  # name in zoo.converters.CONVERTERS: fn(state_dict, model) for a published layout
+    converter: Optional[str] = None  # name in zoo.hub.converters.CONVERTERS: fn(state_dict, model) for a published layout
     published_metrics: Tuple[Metric, ...] = ()  # numbers published with remote weights
     notes: Tuple[str, ...] = ()
 

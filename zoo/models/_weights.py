@@ -61,7 +61,7 @@ def _spec(name_with_tag: str) -> Optional[WeightSpec]:
     entry = get_entry(name_with_tag)
     if entry is None or not (entry.model_args or entry.converter):
         return None
-    from zoo.converters import CONVERTERS
+    from zoo.hub.converters import CONVERTERS
     return WeightSpec(model_args=dict(entry.model_args), filter_fn=CONVERTERS[entry.converter] if entry.converter else None)
 
 
