@@ -90,3 +90,12 @@ def test_benchmarks_take_tags_from_the_registry():
         ipd = int(re.search(r'\*\*Images per device:\*\* (\d+)', card).group(1))
         model = entry.architecture
         assert cifar_results.tag_for(model, cifar_results.norm_of(model), ipd) == entry.name
+
+
+def test_published_card_names_the_registry_recipe():
+    from zoo.hub.publish import RunInfo, build_model_card
+    model = zoo.create_model('resnet20_wsbcn')
+    entry = registry.get_entry('resnet20_wsbcn.cifar10')
+    card = str(build_model_card(model, 'wsbcn-zoo/resnet20_wsbcn.cifar10', RunInfo(source='run.ckpt', dataset='cifar10')))
+    assert f'- **Recipe:** {entry.recipe}' in card
+    assert '**Recipe:**' not in str(build_model_card(model, 'me/resnet20_wsbcn.mine', RunInfo(source='run.ckpt')))

@@ -221,6 +221,13 @@ def eval_results(repo_id: str, info: RunInfo) -> Optional[List[EvalResult]]:
                        metric_value=round(100 * info.metrics[k], 2)) for k, name in found]
 
 
+def _recipe_line(repo_id: str) -> str:
+    """The recipe of the weights' registry entry (zoo/hub/registry.py), so card and list_pretrained agree."""
+    from zoo.hub.registry import ENTRIES
+    entry = next((e for e in ENTRIES if e.name == repo_id.split('/')[-1]), None)
+    return f'\n- **Recipe:** {entry.recipe}' if entry else ''
+
+
 def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> ModelCard:
     cfg = model.pretrained_cfg
     arch = split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
@@ -252,7 +259,7 @@ Standardization, Batch-Channel Normalization, Batch Group Normalization) for tim
 - **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation
 - **Dataset:** {info.dataset or '(not recorded)'}
 - **Images per device:** {info.images_per_device if info.images_per_device is not None else '(not recorded)'}
-- **Weights from:** {info.source}
+- **Weights from:** {info.source}{_recipe_line(repo_id)}
 - **License:** {info.license}
 - **Papers:** {'; '.join(f'{PAPERS[k][0]} ({PAPERS[k][1]})' for k in papers)}
 
