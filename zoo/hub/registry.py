@@ -38,8 +38,9 @@ class Metric:
 @dataclass(frozen=True)
 class PretrainedEntry:
     """One set of weights. Sources are tried in order: the shipped ``folder``, then ``urls`` (the
-    authors' first, then mirrors; ``sha256`` holds each one's digest or hash prefix, None if unknown),
-    and ``hf_hub_id``, where the folder is pushed (used when the folder is absent or overridden)."""
+    authors' first, then mirrors; ``sha256`` holds each one's digest or hash prefix, None if unknown).
+    ``hf_hub_id`` is where a shipped folder is (to be) pushed; timm uses it only when the shipped file
+    is overridden (``pretrained_cfg_overlay=dict(file=None)``)."""
     name: str  # 'arch.tag'
     description: str
     dataset: str
