@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.models._weights import shipped_weights  # noqa: E402
+from zoo.hub.registry import cifar10_tag, shipped_weights  # noqa: E402
 
 NORM_LABELS = {
     'wsbcn': 'WS+BCN', 'bcn': 'BCN', 'wsgn': 'WS+GN', 'gn': 'GN', 'bgn': 'BGN', 'wsbgn': 'WS+BGN',
@@ -84,9 +84,9 @@ def read_run(run_dir: Path) -> RunResult:
 
 
 def tag_for(model: str, norm: str, images_per_device: int) -> str:
-    """The pretrained tag a run's weights are published under: ``cifar10``, or ``cifar10_b2`` for
-    BN with few images per device, so that the plain ``resnet20.cifar10`` is the large-batch BN."""
-    return f'{model}.cifar10_b{images_per_device}' if norm == 'BN' and images_per_device < 16 else f'{model}.cifar10'
+    """The pretrained tag a run's weights are published under (the registry's rule,
+    :func:`zoo.hub.registry.cifar10_tag`; ``norm`` is the one the model name implies)."""
+    return cifar10_tag(model, images_per_device)
 
 
 def shipped_tag(r: RunResult) -> str:

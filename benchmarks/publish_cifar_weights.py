@@ -9,7 +9,8 @@ pretrained=True)`` loads with no network. The same folder can later be pushed as
     python benchmarks/publish_cifar_weights.py runs/cifar10/resnet20_wsbcn runs/cifar10/resnet20_b128 ...
 
 The tag: ``cifar10``, except BN trained with few images per device (``cifar10_b2``), so that the
-plain ``resnet20.cifar10`` is the large-batch BN baseline.
+plain ``resnet20.cifar10`` is the large-batch BN baseline. A new tag also needs its entry in
+``zoo/hub/registry.py`` (``tests/test_weights_registry.py`` checks that folders and entries match).
 """
 import argparse
 import json
@@ -18,22 +19,20 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hub_upload  # noqa: E402
-from cifar_results import read_run, tag_for  # noqa: E402
-from zoo.models._weights import SHIPPED_WEIGHTS_DIR  # noqa: E402
-from zoo.models.cifar_resnet import CIFAR10_CLASSES, HUB_ORG  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT))  # the checkout's zoo, when it is not installed
+from cifar_results import read_run, tag_for  # noqa: E402 (a sibling script: on the path when run as one)
+from zoo.hub import publish as hub_upload, read_lightning_checkpoint  # noqa: E402
+from zoo.hub.registry import HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402
+from zoo.models.cifar_resnet import CIFAR10_CLASSES  # noqa: E402
 
 
 def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[str] = None) -> Path:
     result = read_run(run_dir)
     version = result.log_dir
     ckpt = run_dir / 'checkpoints' / 'last.ckpt'
-    saved_step = torch.load(ckpt, map_location='cpu', weights_only=True)['global_step']
+    saved_step = read_lightning_checkpoint(ckpt).global_step
     if saved_step != result.test_step:  # the published weights must be the tested ones
         raise ValueError(f'{ckpt} is from step {saved_step}, the test ran at step {result.test_step}: resume the run '
                          f'(zoo-train fit ... --ckpt_path last) so that last.ckpt holds the final weights.')

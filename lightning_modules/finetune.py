@@ -4,15 +4,16 @@ say what pretrained weights were loaded, and pick BCN's batch stage for the imag
 For timm-hosted or local pretrained weights, timm's own mechanism already works through the
 module's ``pretrained=True`` (and ``model_kwargs.pretrained_cfg_overlay.file`` for a local file);
 :func:`load_backbone_weights` adds zoo / Lightning checkpoints, whose keys carry a ``model.``
-prefix, and accepts a classifier of another size (it is left at its fresh initialisation).
+prefix, and accepts a classifier of another size (it is left at its fresh initialisation). Files are
+read by the zoo's one checkpoint reader (:func:`zoo.hub.read_state_dict`): a checkpoint with an EMA
+copy that fits gives the EMA weights, as every zoo loader does.
 """
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
-import torch
 import torch.nn as nn
 
-from zoo.hub import verify_checkpoint
+from zoo.hub import WeightsError, read_state_dict
 from zoo.layers import BCN_BATCH_STAGES, BatchChannelNorm2d, set_bcn_batch_stage
 from .optim import head_parameters
 
@@ -24,32 +25,10 @@ __all__ = ['read_state_dict', 'load_backbone_weights', 'freeze_backbone', 'descr
 MICRO_BATCH = 16
 
 
-def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, a plain state dict or a Lightning checkpoint (safe loaders only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Checkpoint {path} does not exist')
-    try:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated / corrupt / not a checkpoint
-        raise ValueError(f'Cannot read checkpoint {path} ({type(e).__name__}: {e}); is it complete?') from e
-    verify_checkpoint(obj, path)  # a zoo-written checkpoint whose tensors changed on disk is refused
-    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
-        obj = obj['state_dict']
-    if not isinstance(obj, dict):
-        raise ValueError(f'{path} does not hold a state dict')
-    if any(k.startswith('model.') for k in obj):  # a zoo Lightning checkpoint: keep the model, not the EMA copy
-        obj = {k[len('model.'):]: v for k, v in obj.items() if k.startswith('model.')}
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
-
-
-def load_backbone_weights(model: nn.Module, path: Union[str, Path]) -> None:
+def load_backbone_weights(model: nn.Module, path: Union[str, Path], use_ema: bool = True) -> None:
     """Load every weight of ``path`` into ``model``; a classifier of another shape is skipped."""
-    state = read_state_dict(path)
     own = model.state_dict()
+    state = read_state_dict(path, model_keys=own.keys(), use_ema=use_ema)
     head_names = {n for n, p in model.named_parameters() if any(p is h for h in head_parameters(model))}
     skipped = [k for k in state if k in head_names and state[k].shape != own[k].shape]
     for k in skipped:
@@ -57,11 +36,11 @@ def load_backbone_weights(model: nn.Module, path: Union[str, Path]) -> None:
     bad_shape = [f'{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
                  if k in own and v.shape != own[k].shape]
     if bad_shape:
-        raise ValueError(f'{path} does not fit the model: ' + '; '.join(bad_shape[:5]))
+        raise WeightsError(f'{path} does not fit the model: ' + '; '.join(bad_shape[:5]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head_names]
     if missing or unexpected:
-        raise ValueError(f'{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}')
+        raise WeightsError(f'{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}')
 
 
 def freeze_backbone(model: nn.Module) -> None:

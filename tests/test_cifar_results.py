@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import zoo.models._weights
+import zoo.hub.registry
 
 pytest.importorskip('matplotlib')
 
@@ -15,7 +15,7 @@ spec.loader.exec_module(cifar_results)
 
 
 def test_table_and_plot_from_run_folders(tmp_path, monkeypatch, make_run):
-    monkeypatch.setattr(zoo.models._weights, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
+    monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
     runs = [
         make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [None, 0.9012]),  # resumed once
         make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105]),
@@ -41,7 +41,7 @@ def test_unfinished_run_is_a_clear_error(tmp_path, make_run):
 
 
 def test_shipped_weights_are_named_in_the_table(tmp_path, monkeypatch, make_run):
-    monkeypatch.setattr(zoo.models._weights, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'pretrained')
+    monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'pretrained')
     (tmp_path / 'pretrained' / 'resnet20.cifar10_b2').mkdir(parents=True)
     (tmp_path / 'pretrained' / 'resnet20.cifar10_b2' / 'model.safetensors').write_bytes(b'x')
     runs = [make_run(tmp_path, 'resnet20', 'resnet20', 2, 64, [0.8533]), make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.9105])]

@@ -107,7 +107,7 @@ def test_tag_names_follow_the_registered_weights():
     assert tag_for('resnet20', 'BN', 128) == 'resnet20.cifar10'
     assert tag_for('resnet20', 'BN', 2) == 'resnet20.cifar10_b2'
     assert tag_for('resnet20_wsbcn', 'WS+BCN', 2) == 'resnet20_wsbcn.cifar10'
-    for tag in ('resnet20.cifar10_b2', 'resnet20_wsbcn.cifar10', 'resnet56.cifar10'):
+    for tag in ('resnet20.cifar10_b2', 'resnet20_wsbcn.cifar10', 'resnet56_wsbcn.cifar10'):
         assert tag in timm.list_pretrained(tag)
 
 

@@ -353,3 +353,45 @@ def test_silent_hub_fails_fast_with_clear_error(silent_server, tmp_path):
         assert message.startswith(f'No reply from 127.0.0.1:{silent_server.port} within 1 s'), message
         assert 'not in the Hugging Face cache' in message and 'ZOO_DOWNLOAD_TIMEOUT' in message, message
     assert silent_server.connections
+
+
+TIMM_HF_HUB_SCRIPT = r"""
+import signal, sys, time, timm, zoo
+signal.alarm(int(sys.argv[1]))  # without the zoo's probe, huggingface_hub retries for minutes: fail, do not hang
+t = time.time()
+try:
+    timm.create_model('hf-hub:wsbcn-zoo/not-cached', pretrained=True)
+    print('loaded')
+except zoo.WeightsError as e:
+    print(f'{time.time() - t:.1f}|{e}'.replace('\n', ' '))
+"""
+
+
+def test_silent_hub_bounds_timm_hf_hub_names(silent_server, tmp_path):
+    """``timm.create_model('hf-hub:...')`` downloads config.json before any zoo code runs: ``import zoo`` bounds it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_HUB_')}
+    env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=f'http://127.0.0.1:{silent_server.port}',
+               ZOO_DOWNLOAD_TIMEOUT='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-c', TIMM_HF_HUB_SCRIPT, '15'], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, f'still waiting after 15 s (rc {r.returncode}): {r.stderr[-2000:]}'
+    seconds, message = r.stdout.strip().split('|', 1)
+    assert float(seconds) < 10, seconds
+    assert message.startswith(f'No reply from 127.0.0.1:{silent_server.port} within 1 s'), message
+    assert 'wsbcn-zoo/not-cached/config.json is not in the Hugging Face cache' in message, message
+    assert silent_server.connections
+
+
+def test_hub_timeout_follows_user_hf_setting(monkeypatch):
+    """The zoo's wait is ZOO_DOWNLOAD_TIMEOUT, else the user's own HF_HUB_ETAG_TIMEOUT; it changes no HF_* value."""
+    from huggingface_hub import constants
+    from zoo._download import download_timeout
+    as_set = [constants._as_int(os.environ.get(k)) or 10 for k in ('HF_HUB_ETAG_TIMEOUT', 'HF_HUB_DOWNLOAD_TIMEOUT')]
+    assert [constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT] == as_set
+    monkeypatch.delenv('ZOO_DOWNLOAD_TIMEOUT', raising=False)
+    monkeypatch.delenv('HF_HUB_ETAG_TIMEOUT', raising=False)
+    assert download_timeout() == 30
+    monkeypatch.setenv('HF_HUB_ETAG_TIMEOUT', '120')
+    assert download_timeout() == 120
+    monkeypatch.setenv('ZOO_DOWNLOAD_TIMEOUT', '5')
+    assert download_timeout() == 5

@@ -1,9 +1,11 @@
-"""Pretrained tags that need their own build args, and the builder every zoo entrypoint can share.
+"""The builder every zoo entrypoint shares: a tag's build args and converter (from the weights
+registry, :mod:`zoo.hub.registry`), timeouts for downloads, and checks of the weights.
 
 Some weights were trained with settings other than the zoo's defaults: the authors' GN+WS
 ImageNet weights need ``ws_formula='ws'``, their BCN+WS ones ``ws_formula='bcn'`` and a
-large-batch BCN stage. A :class:`WeightSpec` registered for ``'arch.tag'`` carries those build
-args and a converter for the published file layout; :func:`build_zoo_model` applies them.
+large-batch BCN stage. The registry entry of ``'arch.tag'`` carries those build args and a
+converter for the published file layout (families outside the registry can still add a
+:class:`WeightSpec` with :func:`register_weight_spec`); :func:`build_zoo_model` applies them.
 
 When the tag's args apply (the zoo's decision):
 - an explicit tag (``timm.create_model('resnet50_wsbcn.in1k')``): always, pretrained or not,
@@ -31,12 +33,10 @@ from typing import Any, Callable, Dict, Optional
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
+from zoo.hub.registry import SHIPPED_WEIGHTS_DIR, get_entry, shipped_weights
+
 __all__ = ['WeightSpec', 'WEIGHT_SPECS', 'register_weight_spec', 'weight_spec_for', 'build_zoo_model',
            'SHIPPED_WEIGHTS_DIR', 'shipped_weights']
-
-# Hub-ready folders (``hub_upload.py --dry-run --out``) of weights the zoo trained itself and ships
-# inside the package, one per ``arch.tag``: pretrained=True loads them with no network.
-SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'pretrained'
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class WeightSpec:
     filter_fn: Optional[Callable] = None
 
 
-WEIGHT_SPECS: Dict[str, WeightSpec] = {}
+WEIGHT_SPECS: Dict[str, WeightSpec] = {}  # tags outside the registry (other families)
 
 
 def register_weight_spec(name_with_tag: str, spec: WeightSpec) -> None:
@@ -55,21 +55,24 @@ def register_weight_spec(name_with_tag: str, spec: WeightSpec) -> None:
     WEIGHT_SPECS[name_with_tag] = spec
 
 
+def _spec(name_with_tag: str) -> Optional[WeightSpec]:
+    if name_with_tag in WEIGHT_SPECS:
+        return WEIGHT_SPECS[name_with_tag]
+    entry = get_entry(name_with_tag)
+    if entry is None or not (entry.model_args or entry.converter):
+        return None
+    from zoo.hub.converters import CONVERTERS
+    return WeightSpec(model_args=dict(entry.model_args), filter_fn=CONVERTERS[entry.converter] if entry.converter else None)
+
+
 def weight_spec_for(variant: str, pretrained: bool, pretrained_cfg: Any, pretrained_cfg_overlay=None) -> Optional[WeightSpec]:
     """The spec that applies to this build (see the module docstring), or None."""
     if isinstance(pretrained_cfg, str) and pretrained_cfg:
-        return WEIGHT_SPECS.get(f'{variant}.{pretrained_cfg}')
+        return _spec(f'{variant}.{pretrained_cfg}')
     if pretrained_cfg is None and pretrained:
         tag = resolve_pretrained_cfg(variant, None, pretrained_cfg_overlay).tag
-        return WEIGHT_SPECS.get(f'{variant}.{tag}') if tag else None
+        return _spec(f'{variant}.{tag}') if tag else None
     return None
-
-
-def shipped_weights(name_with_tag: str) -> Optional[Path]:
-    """The shipped ``model.safetensors`` of ``arch.tag``, or None if the package has none."""
-    from zoo.hub import WEIGHTS_NAME
-    path = SHIPPED_WEIGHTS_DIR / name_with_tag.split('/')[-1] / WEIGHTS_NAME
-    return path if path.is_file() else None
 
 
 def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[str, Any]]:
@@ -92,7 +95,8 @@ def _folder_config(pretrained_cfg: Dict[str, Any], cache_dir) -> Optional[Dict[s
 
 def _make_filter(spec: Optional[WeightSpec], cache_dir) -> Callable:
     def filter_fn(state_dict, model):
-        from zoo.hub import _recorded_sha256, check_classifier, check_state_dict, verify_model_config, verify_state_dict
+        from zoo.hub import check_classifier, check_state_dict, verify_model_config, verify_state_dict
+        from zoo.hub.folders import _recorded_sha256
         cfg = model.pretrained_cfg
         source = cfg.get('hf_hub_id') or cfg.get('file') or ''
         folder_config = _folder_config(cfg, cache_dir)
@@ -131,15 +135,24 @@ def _weights_location(variant: str, pretrained_cfg, overlay) -> str:
     return str(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or variant)
 
 
-def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> None:
-    """Fetch URL / Hub weights with a timeout (offline: not at all) before timm reads them from its cache."""
-    from zoo._download import fetch_url, hub_download
+def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> Optional[Path]:
+    """Fetch URL / Hub weights with a timeout (offline: not at all) before timm reads them from its cache.
+
+    A registry tag's URL weights come from its sources in order (the authors' URL, then mirrors), each
+    checked against its SHA-256 where one is published; returns the file when it is not where timm
+    looks for the tag's URL (a mirror's), else None. A URL of the caller's is fetched as it is."""
+    from zoo._download import fetch_first, fetch_url, hub_download, url_cache_path
     from huggingface_hub.errors import EntryNotFoundError
     from timm.models._builder import _resolve_pretrained_source
     from timm.models._hub import hf_split
     cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else resolve_pretrained_cfg(
         variant, pretrained_cfg, overlay).to_dict()
     load_from, where = _resolve_pretrained_source(cfg)
+    entry = get_entry(f'{variant}.{cfg.get("tag")}') if cfg.get('tag') else None
+    own_url = isinstance(pretrained_cfg, dict) or (overlay or {}).get('url')
+    if load_from == 'url' and entry is not None and entry.urls and not own_url:
+        path = fetch_first(entry.urls, entry.sha256, cache_dir, what=f'weights of {variant}.{entry.tag}')
+        return None if path == url_cache_path(where, cache_dir) else path
     if load_from == 'url':
         fetch_url(where, cache_dir, what=f'weights of {variant}')
     elif load_from == 'hf-hub':
@@ -149,6 +162,7 @@ def _prefetch(variant: str, pretrained_cfg, overlay, cache_dir) -> None:
             hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
         except EntryNotFoundError:
             pass  # another file name (pytorch_model.bin): timm looks for it
+    return None
 
 
 def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretrained_cfg=None,
@@ -156,7 +170,9 @@ def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretraine
     """``timm.build_model_with_cfg`` plus tag build args, layout converters and weight checks."""
     from zoo.hub import WeightsError
     if pretrained:
-        _prefetch(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)
+        fetched = _prefetch(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)
+        if fetched is not None:  # a mirror's file, under its own name: timm would look for the original's
+            pretrained_cfg_overlay = dict(pretrained_cfg_overlay or {}, file=str(fetched))
     spec = weight_spec_for(variant, pretrained, pretrained_cfg, pretrained_cfg_overlay)
     tag_args = deepcopy(spec.model_args) if spec else {}
     for k, v in tag_args.items():

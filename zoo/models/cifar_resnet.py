@@ -20,10 +20,11 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
 
+from zoo.hub.registry import HUB_ORG, pretrained_cfgs  # noqa: F401 (HUB_ORG: still importable from here)
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from .resnet import check_image_batch
-from ._weights import build_zoo_model, shipped_weights
+from ._weights import build_zoo_model
 
 torch.fx.wrap('check_image_batch')  # one FX node, run on real tensors (see zoo.models.resnet)
 
@@ -147,31 +148,17 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-HUB_ORG = 'wsbcn-zoo'
 _SUFFIXES = ('',) + tuple(f'_{v}' for v in NORM_VARIANTS)
 ZOO_CIFAR_MODELS = tuple(f'resnet{d}{s}' for d in CIFAR_DEPTHS for s in _SUFFIXES)
 
-# Tags that will carry CIFAR-10 weights trained by the zoo (the micro-batch reproduction).
-_WEIGHT_TAGS = {
-    'resnet20.cifar10': 'BN, 128 images per device',
-    'resnet20.cifar10_b2': 'BN, 2 images per device',
-    'resnet20_gn.cifar10': 'GN, 2 images per device',
-    'resnet20_wsgn.cifar10': 'WS+GN, 2 images per device',
-    'resnet20_wsbcn.cifar10': 'WS+BCN, 2 images per device',
-    'resnet20_bgn.cifar10': 'BGN, 2 images per device',
-    'resnet56.cifar10': 'BN, 128 images per device',
-    'resnet56_wsbcn.cifar10': 'WS+BCN, 2 images per device',
-}
-
 
 def _all_cfgs() -> Dict[str, Dict[str, Any]]:
+    """The registry's CIFAR-10 weights (:mod:`zoo.hub.registry`); an untagged cfg for the other models."""
     cfgs = {}
     for name in ZOO_CIFAR_MODELS:
-        tagged = [t for t in _WEIGHT_TAGS if t.split('.')[0] == name]
-        for t in tagged:
-            shipped = shipped_weights(t)  # the zoo's own weights, inside the package: no download
-            cfgs[t] = _cfg(hf_hub_id=f'{HUB_ORG}/{t}', description=f'{name} trained on CIFAR-10, {_WEIGHT_TAGS[t]}',
-                           label_names=CIFAR10_CLASSES, **(dict(file=str(shipped)) if shipped else {}))
+        tagged = pretrained_cfgs(name)
+        for t, fields in tagged.items():
+            cfgs[t] = _cfg(label_names=CIFAR10_CLASSES, **fields)
         if not tagged:
             cfgs[name] = _cfg()
     return cfgs

@@ -30,10 +30,10 @@ from timm.models import generate_default_cfgs
 from timm.models._registry import is_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from zoo.hub.registry import entries, pretrained_cfgs
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
-from zoo.converters import convert_bcn_ws, convert_gn_ws
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
-from ._weights import WeightSpec, build_zoo_model, register_weight_spec
+from ._weights import build_zoo_model
 
 __all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values']
 
@@ -129,38 +129,8 @@ IMAGENET_ARCHS: Dict[str, Dict[str, Any]] = {
 _TIMM_OWNED = frozenset(n for n in (f'{a}_{v}' for a in IMAGENET_ARCHS for v in NORM_VARIANTS) if is_model(n))
 
 # The authors' ImageNet releases (Qiao et al.): '.in1k' tags that load and convert the published
-# files. Their build args (WS formula, BCN batch stage) apply as described in ._weights.
-_GN_WS_URL = 'http://cs.jhu.edu/~syqiao/WeightStandardization/'
-_GN_WS_MIRROR = 'https://download.openmmlab.com/pretrain/third_party/'
-_BCN_WS_URL = 'https://cs.jhu.edu/~syqiao/BatchChannelNormalization/'
-AUTHORS_IN1K = {
-    'resnet50_wsgn.in1k': (_GN_WS_URL + 'R-50-GN-WS.pth.tar', _GN_WS_MIRROR + 'resnet50_gn_ws-15beedd8.pth', 23.72),
-    'resnet101_wsgn.in1k': (_GN_WS_URL + 'R-101-GN-WS.pth.tar', _GN_WS_MIRROR + 'resnet101_gn_ws-3e3c308c.pth', 22.10),
-    'resnext50_32x4d_wsgn.in1k': (
-        _GN_WS_URL + 'X-50-GN-WS.pth.tar', _GN_WS_MIRROR + 'resnext50_32x4d_gn_ws-0d87ac85.pth', 22.71),
-    'resnext101_32x4d_wsgn.in1k': (
-        _GN_WS_URL + 'X-101-GN-WS.pth.tar', _GN_WS_MIRROR + 'resnext101_32x4d_gn_ws-34ac1a9e.pth', 21.80),
-    'resnet50_wsbcn.in1k': (_BCN_WS_URL + 'rn50_bcn_ws.pth', None, None),
-    'resnet101_wsbcn.in1k': (_BCN_WS_URL + 'rn101_bcn_ws.pth', None, None),
-    'resnext50_32x4d_wsbcn.in1k': (_BCN_WS_URL + 'rx50_bcn_ws.pth', None, None),
-}
-_AUTHORS_SPECS = {
-    'wsgn': WeightSpec(model_args=dict(ws_formula='ws'), filter_fn=convert_gn_ws),
-    'wsbcn': WeightSpec(model_args=dict(ws_formula='bcn', norm_kwargs=dict(batch_stage='batch')), filter_fn=convert_bcn_ws),
-}
-
-
-def _authors_cfg(name_tag: str) -> Dict[str, Any]:
-    url, mirror, top1_err = AUTHORS_IN1K[name_tag]
-    arch = name_tag.split('.')[0]
-    notes = ["Authors' ImageNet-1k release, converted on load (zoo.converters)."]
-    if mirror:
-        notes.append(f'OpenMMLab mirror: {mirror}')
-    if top1_err is not None:
-        notes.append(f'Published top-1 error: {top1_err}%')
-    return _cfg(
-        url=url, license='unknown', origin_url=url.rsplit('/', 1)[0] + '/', notes=tuple(notes),
-        description=f'{arch} trained on ImageNet-1k by the authors of arXiv:1903.10520')
+# files, listed in the weights registry with their build args (WS formula, BCN batch stage).
+AUTHORS_IN1K = {e.name: e for e in entries(dataset='imagenet-1k')}
 
 
 def _imagenet_cfgs() -> Dict[str, Dict[str, Any]]:
@@ -170,16 +140,15 @@ def _imagenet_cfgs() -> Dict[str, Dict[str, Any]]:
             name = f'{arch}_{v}'
             if name in _TIMM_OWNED:
                 continue
-            if f'{name}.in1k' in AUTHORS_IN1K:
-                cfgs[f'{name}.in1k'] = _authors_cfg(f'{name}.in1k')
-            else:
+            tagged = pretrained_cfgs(name)
+            for t, fields in tagged.items():
+                cfgs[t] = _cfg(**fields)
+            if not tagged:
                 cfgs[name] = _cfg(description=f'{arch} with {NORM_VARIANTS[v].description}')
     return cfgs
 
 
 default_cfgs = generate_default_cfgs(_imagenet_cfgs())
-for _name_tag in AUTHORS_IN1K:
-    register_weight_spec(_name_tag, _AUTHORS_SPECS[_name_tag.split('.')[0].rsplit('_', 1)[1]])
 
 
 def _create_zoo_resnet(variant_name: str, arch: str, norm_variant: str, pretrained: bool = False, **kwargs) -> ZooResNet:

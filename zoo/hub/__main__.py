@@ -1,0 +1,4 @@
+"""``python -m zoo.hub record-digest FOLDER...``."""
+from zoo.hub.folders import main
+
+raise SystemExit(main())

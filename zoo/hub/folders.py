@@ -1,0 +1,252 @@
+"""Hub-style model folders (``model.safetensors``, timm's ``config.json``, a model card): saving them, and
+loading them from a directory or a Hub repo with every check (digests of the weights and of the fields
+of ``config.json`` that define the model, a trained head never silently replaced).
+
+``python -m zoo.hub record-digest FOLDER...`` records the config digest of original folders.
+"""
+import hashlib
+import json
+import logging
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from timm.models import is_model
+from timm.models._hub import load_model_config_from_path, save_for_hf
+
+from zoo._download import hub_download
+from .reading import WeightsError, read_weights, state_dict_sha256
+
+__all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'verify_state_dict', 'model_config_sha256',
+           'verify_model_config', 'check_classifier', 'save_hub_folder', 'record_model_config_digest',
+           'load_hub_model', 'main']
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
+_REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
+
+
+def verify_state_dict(state_dict: Mapping[str, torch.Tensor], expected_sha256: Optional[str], source: str) -> None:
+    """Compare with the digest recorded at publishing time (skipped when none was recorded)."""
+    if not expected_sha256:
+        return
+    actual = state_dict_sha256(state_dict)
+    if actual != expected_sha256:
+        raise WeightsError(
+            f'The weights of {source} do not match the digest recorded in its {CONFIG_NAME} '
+            f'(expected sha256 {expected_sha256[:16]}..., got {actual[:16]}...): the file was modified or '
+            f'corrupted after publishing. Delete it and download it again.')
+
+
+def _recorded_sha256(config: Mapping[str, Any]) -> Optional[str]:
+    return (config.get(ZOO_CONFIG_KEY) or {}).get('state_dict_sha256')
+
+
+# What timm builds the model from (``timm.models._hub._parse_model_cfg`` and ``load_pretrained``):
+# the architecture, its arguments (WS formula, norm args, ...), the number of classes, and where the
+# classifier and stem are. Labels, descriptions and data settings may be edited freely.
+_MODEL_CONFIG_FIELDS = ('architecture', 'num_classes', 'model_args')
+_MODEL_PRETRAINED_CFG_FIELDS = ('num_classes', 'classifier', 'first_conv', 'label_offset', 'custom_load')
+
+
+def model_config_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 over the ``config.json`` fields that define the model (not labels or descriptions)."""
+    pretrained_cfg = config.get('pretrained_cfg', config)  # timm's legacy configs are one flat dict
+    defining = {'config': {k: config.get(k) for k in _MODEL_CONFIG_FIELDS},
+                'pretrained_cfg': {k: pretrained_cfg.get(k) for k in _MODEL_PRETRAINED_CFG_FIELDS}}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+
+
+def verify_model_config(config: Mapping[str, Any], source: str) -> None:
+    """Refuse a ``config.json`` whose model-defining fields differ from those recorded at publishing time.
+
+    Folders with a weights digest but no config digest (published before the zoo recorded one)
+    load with a warning: their ``config.json`` is not protected.
+    """
+    zoo_meta = config.get(ZOO_CONFIG_KEY) or {}
+    expected = zoo_meta.get('model_config_sha256')
+    if not expected:
+        if zoo_meta.get('state_dict_sha256'):
+            _logger.warning('%s records no model_config_sha256: edits of its %s are not detected '
+                            '(re-record with `python -m zoo.hub record-digest FOLDER`).', source, CONFIG_NAME)
+        return
+    if model_config_sha256(config) != expected:
+        fields = ', '.join(list(_MODEL_CONFIG_FIELDS) + [f'pretrained_cfg.{k}' for k in _MODEL_PRETRAINED_CFG_FIELDS])
+        raise WeightsError(
+            f'The {CONFIG_NAME} of {source} was modified after publishing: the fields that define the model '
+            f'({fields}) differ from the digest recorded with it, so the weights would build another model '
+            f'than the one they were trained as. Restore the original {CONFIG_NAME}; to fine-tune with another '
+            f'number of classes, pass num_classes=... to the loader instead of editing the file.')
+
+
+def check_classifier(state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any],
+                     num_classes: Optional[int], source: str) -> None:
+    """Refuse to drop a trained head that fits: timm replaces the classifier whenever the model's
+    ``num_classes`` differs from the config's, even when the weights' head has the model's size
+    (a ``config.json`` whose ``num_classes`` was edited). Another ``num_classes`` asked for by the
+    caller still gets a new head."""
+    classifier, n = pretrained_cfg.get('classifier'), pretrained_cfg.get('num_classes')
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    for name in names:
+        w = state_dict.get(f'{name}.weight')
+        if w is None or n is None or num_classes in (None, n) or w.ndim < 1 or w.shape[0] != num_classes:
+            continue
+        raise WeightsError(
+            f'{source}: the config says num_classes={n}, but the classifier {name}.weight in the weights has '
+            f'{w.shape[0]} outputs, the size the model was built with, so the trained head would be silently '
+            f'replaced. If {CONFIG_NAME} was edited, restore it; for a file of your own, pass '
+            f'pretrained_cfg_overlay=dict(num_classes={w.shape[0]}).')
+
+
+# ----------------------------------------------------------------------------------- saving
+
+def save_hub_folder(
+        model: nn.Module,
+        folder: Union[str, Path],
+        label_names: Optional[Any] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        extra: Optional[Dict[str, Any]] = None,
+        pretrained_cfg: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``model.safetensors`` and timm's ``config.json`` (with the state-dict digest) to ``folder``.
+
+    Uses timm's ``save_for_hf``, so the folder loads with ``timm.create_model('local-dir:FOLDER')``
+    and, once pushed, with ``hf-hub:``. ``data_config`` overrides mean/std/input size/crop;
+    ``pretrained_cfg`` overrides other fields (e.g. the description); ``extra`` goes under ``"zoo"``.
+    """
+    folder = Path(folder)
+    zoo_meta = dict(extra or {}, state_dict_sha256=state_dict_sha256(model.state_dict()), weights=WEIGHTS_NAME)
+    model_config = {ZOO_CONFIG_KEY: zoo_meta}
+    if pretrained_cfg:
+        model_config['pretrained_cfg'] = dict(pretrained_cfg)
+    if label_names:
+        model_config['label_names'] = list(label_names)
+    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    record_model_config_digest(folder, check_weights=False)  # the weights digest was just computed from the model
+    return folder
+
+
+def record_model_config_digest(folder: Union[str, Path], check_weights: bool = True) -> str:
+    """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest).
+
+    :func:`save_hub_folder` calls it; run it by hand (``python -m zoo.hub record-digest FOLDER``) only
+    for a folder whose ``config.json`` is known to be the original.
+    """
+    cfg_file = Path(folder) / CONFIG_NAME
+    config = json.loads(cfg_file.read_text())
+    if check_weights:
+        verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
+    digest = model_config_sha256(config)
+    config.setdefault(ZOO_CONFIG_KEY, {})['model_config_sha256'] = digest
+    cfg_file.write_text(json.dumps(config, indent=2))  # timm's save_for_hf layout
+    return digest
+
+
+# ----------------------------------------------------------------------------------- Hub repos and folders
+
+def _offline() -> bool:
+    return bool(hf_constants.HF_HUB_OFFLINE)
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: Optional[str]):
+    """Turn huggingface_hub's download errors into ones that say what to download or set."""
+    where = f'{repo_id}' + (f'@{revision}' if revision else '')
+    try:
+        yield
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(
+            f'{where} is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and the Hub cannot be reached'
+            f'{" (HF_HUB_OFFLINE=1)" if _offline() else ""}. Where there is internet, run '
+            f'`hf download {repo_id}{f" --revision {revision}" if revision else ""}` and bring that cache here '
+            f'(or point HF_HUB_CACHE at it), or save the model folder and load it with local-dir:PATH.') from e
+    except RevisionNotFoundError as e:
+        raise WeightsError(f'{where}: revision {revision!r} does not exist.') from e
+    except RepositoryNotFoundError as e:
+        raise WeightsError(
+            f'{where}: no such repo, or it is private or gated. Log in with `hf auth login` '
+            f'or set HF_TOKEN to a token that can read it.') from e
+    except EntryNotFoundError as e:
+        raise WeightsError(f'{where} has no {e}: was it published with hub_upload.py (or timm push_to_hf_hub)?') from e
+
+
+def _resolve_folder(source: str, revision: Optional[str], cache_dir) -> Tuple[Path, str]:
+    """``(folder holding config.json and the weights, label for messages)`` for a dir or a repo id."""
+    if source.startswith('local-dir:'):
+        source = source[len('local-dir:'):]
+        if not Path(source).is_dir():
+            raise WeightsError(f'local-dir:{source} is not a directory.')
+    if Path(source).is_dir():
+        folder = Path(source)
+        if not (folder / CONFIG_NAME).is_file():
+            raise WeightsError(f'{folder} has no {CONFIG_NAME}: not a Hub-style model folder (see hub_upload.py).')
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise WeightsError(f'{folder} has no {WEIGHTS_NAME}: copy the weights next to {CONFIG_NAME}.')
+        return folder, str(folder)
+    repo_id = source[len('hf-hub:'):] if source.startswith(('hf-hub:', 'hf_hub:')) else source
+    if not _REPO_ID.match(repo_id):
+        raise WeightsError(f'{source!r} is neither an existing folder nor a Hub repo id (ORG/NAME).')
+    if '@' in repo_id:
+        repo_id, revision = repo_id.split('@', 1)
+    with _hub_errors(repo_id, revision):
+        cfg_file = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
+        hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
+    return Path(cfg_file).parent, f'hf-hub:{repo_id}' + (f'@{revision}' if revision else '')
+
+
+def load_hub_model(
+        source: str,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        **kwargs,
+) -> nn.Module:
+    """A model from a Hub repo (``ORG/NAME``, ``hf-hub:ORG/NAME[@REV]``) or a folder (``local-dir:PATH``).
+
+    Checks the weights (readable, digest, keys and shapes) before timm builds the model and loads
+    them; kwargs go to ``timm.create_model`` (e.g. ``num_classes=5`` re-initialises the classifier).
+    """
+    folder, label = _resolve_folder(source, revision, cache_dir)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    verify_model_config(config, label)
+    state_dict = read_weights(folder / WEIGHTS_NAME)
+    verify_state_dict(state_dict, _recorded_sha256(config), label)
+    pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+    if not is_model(arch):
+        raise WeightsError(f'{label} needs architecture {arch!r}, which is not registered (import its package first).')
+    for k in ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url'):
+        pretrained_cfg.pop(k, None)
+    pretrained_cfg['state_dict'] = state_dict  # timm's highest-priority weight source: no second read
+    for k, v in (model_args or {}).items():
+        kwargs.setdefault(k, v)
+    try:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg=pretrained_cfg, **kwargs)
+    except RuntimeError as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(f'Weights of {label} do not fit {arch}: {e}') from e
+    model.pretrained_cfg.pop('state_dict', None)
+    model.pretrained_cfg['source'] = label
+    return model
+
+
+def main(argv=None) -> int:
+    """``python -m zoo.hub record-digest FOLDER...``: record the config digest of original folders."""
+    import argparse
+    p = argparse.ArgumentParser(prog='python -m zoo.hub')
+    sub = p.add_subparsers(dest='command', required=True)
+    rec = sub.add_parser('record-digest', help=record_model_config_digest.__doc__.splitlines()[0])
+    rec.add_argument('folders', nargs='+')
+    args = p.parse_args(argv)
+    for folder in args.folders:
+        print(f'{folder}: model_config_sha256 {record_model_config_digest(folder)}')
+    return 0

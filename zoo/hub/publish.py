@@ -1,0 +1,381 @@
+"""Publish a zoo model to the Hugging Face Hub: a Hub-ready folder, checked, then pushed with HfApi.
+
+The model card, the run's facts and the push; ``hub_upload.py`` at the repository root is its entry point.
+
+    python hub_upload.py lightning_logs/version_0/checkpoints/best.ckpt --repo-id ORG/NAME --dry-run --out export/
+    python hub_upload.py export/ --repo-id ORG/NAME --private --revision v1 --commit-message "CIFAR-10, 2 img/GPU"
+    python hub_upload.py resnet50_wsbcn.in1k --weights rn50_bcn_ws.pth --repo-id ORG/resnet50_wsbcn.in1k
+
+The source is a Lightning checkpoint (``.ckpt``), a model folder (``zoo.converters`` output or
+an earlier export), or a timm / zoo model name with ``--weights`` (or its own pretrained weights).
+The folder holds ``model.safetensors``, timm's ``config.json`` (architecture, num_classes,
+label names, model args, pretrained_cfg with mean/std/input size, and the state-dict digest the
+loaders check) and a model card (``README.md``). Before anything is pushed the folder is loaded
+back and must give bit-identical logits. ``--dry-run`` stops after writing the folder.
+
+The token is never a flag: HfApi reads ``HF_TOKEN`` or the login saved by ``hf auth login``;
+this script never reads, prints or logs it.
+"""
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import timm
+import torch
+import yaml
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from timm.models import model_entrypoint, split_model_name_tag
+
+import zoo
+from zoo.hub import CONFIG_NAME, WEIGHTS_NAME, WeightsError, load_hub_model, read_lightning_checkpoint
+
+PAPERS = {
+    'ws_bcn': ('Micro-Batch Training with Batch-Channel Normalization and Weight Standardization', 'arXiv:1903.10520', """@article{qiao2019micro,
+  title={Micro-Batch Training with Batch-Channel Normalization and Weight Standardization},
+  author={Qiao, Siyuan and Wang, Huiyu and Liu, Chenxi and Shen, Wei and Yuille, Alan},
+  journal={arXiv preprint arXiv:1903.10520},
+  year={2019}
+}"""),
+    'bgn': ('Batch Group Normalization', 'arXiv:2012.02782', """@article{zhou2020batch,
+  title={Batch Group Normalization},
+  author={Zhou, Xiao-Yun and Sun, Jiacheng and Ye, Nanyang and Lan, Xu and Luo, Qijun and Lai, Bo-Lin and Esperanca, Pedro and Yang, Guang-Zhong and Li, Zhenguo},
+  journal={arXiv preprint arXiv:2012.02782},
+  year={2020}
+}"""),
+    'gn': ('Group Normalization', 'arXiv:1803.08494', """@inproceedings{wu2018group,
+  title={Group Normalization},
+  author={Wu, Yuxin and He, Kaiming},
+  booktitle={ECCV},
+  year={2018}
+}"""),
+    'resnet': ('Deep Residual Learning for Image Recognition', 'arXiv:1512.03385', """@inproceedings{he2016deep,
+  title={Deep Residual Learning for Image Recognition},
+  author={He, Kaiming and Zhang, Xiangyu and Ren, Shaoqing and Sun, Jian},
+  booktitle={CVPR},
+  year={2016}
+}"""),
+    'resnext': ('Aggregated Residual Transformations for Deep Neural Networks', 'arXiv:1611.05431', """@inproceedings{xie2017aggregated,
+  title={Aggregated Residual Transformations for Deep Neural Networks},
+  author={Xie, Saining and Girshick, Ross and Doll{\\'a}r, Piotr and Tu, Zhuowen and He, Kaiming},
+  booktitle={CVPR},
+  year={2017}
+}"""),
+    'timm': ('PyTorch Image Models', 'github.com/huggingface/pytorch-image-models', """@misc{rw2019timm,
+  author={Ross Wightman},
+  title={PyTorch Image Models},
+  year={2019},
+  publisher={GitHub},
+  howpublished={\\url{https://github.com/huggingface/pytorch-image-models}}
+}"""),
+}
+
+
+@dataclass
+class RunInfo:
+    """What the model card says about the run that produced the weights."""
+    source: str
+    dataset: Optional[str] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    train_config: Optional[Dict[str, Any]] = None
+    images_per_device: Optional[int] = None
+    label_names: Optional[List[str]] = None
+    license: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------------- run information
+
+def _find_key(tree: Any, keys) -> Any:
+    if isinstance(tree, dict):
+        for k in keys:
+            if k in tree and tree[k] is not None and not isinstance(tree[k], dict):
+                return tree[k]
+        for v in tree.values():
+            found = _find_key(v, keys)
+            if found is not None:
+                return found
+    return None
+
+
+def read_metrics_file(path: Path) -> Dict[str, Any]:
+    """A JSON dict, or a Lightning CSVLogger ``metrics.csv`` (last logged value of each column)."""
+    if path.suffix == '.json':
+        return dict(json.loads(path.read_text()))
+    last: Dict[str, Any] = {}
+    with path.open(newline='') as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if v not in ('', None) and k not in ('epoch', 'step'):
+                    last[k] = float(v)
+    return last
+
+
+def _read_config_file(path: Path) -> Dict[str, Any]:
+    return dict(yaml.safe_load(path.read_text()) or {})
+
+
+def _log_dir_file(ckpt_path: Path, names) -> Optional[Path]:
+    """A file the Lightning loggers / CLI leave next to ``checkpoints/`` (metrics.csv, config.yaml)."""
+    for d in (ckpt_path.parent, ckpt_path.parent.parent):
+        for n in names:
+            if (d / n).is_file():
+                return d / n
+    return None
+
+
+def _label_names(arg: Optional[str]) -> Optional[List[str]]:
+    """From a text file (one per line), a JSON list, or an ImageFolder root (its sorted class folders)."""
+    if not arg:
+        return None
+    p = Path(arg)
+    if p.is_dir():
+        return sorted(d.name for d in p.iterdir() if d.is_dir())
+    text = p.read_text()
+    return list(json.loads(text)) if p.suffix == '.json' else [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------- sources
+
+def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
+    """The model and what is known about its run, from a .ckpt, a folder or a model name."""
+    src = Path(args.source)
+    info = RunInfo(source=args.source)
+    if src.is_file():
+        ckpt = read_lightning_checkpoint(src)
+        model = zoo.load_lightning_checkpoint(src, model_name=args.model_name)
+        metrics_file = _log_dir_file(src, ('metrics.csv',))
+        info.metrics = read_metrics_file(metrics_file) if metrics_file else {}
+        if ckpt.best_score is not None:
+            info.metrics.setdefault(f'best {ckpt.monitor}', ckpt.best_score)
+        if ckpt.epochs_completed is not None:
+            info.metrics.setdefault('epochs', ckpt.epochs_completed)
+        elif ckpt.epoch is not None:
+            info.metrics.setdefault('epochs', ckpt.epoch + 1)
+        cfg_file = _log_dir_file(src, ('config.yaml', 'hparams.yaml'))
+        info.train_config = _read_config_file(cfg_file) if cfg_file else ckpt.hparams
+        for key in ('label_names', 'class_names', 'classes'):
+            names = _find_key(ckpt.hparams, (key,))
+            if isinstance(names, (list, tuple)):
+                info.label_names = list(names)
+                break
+    elif src.is_dir():
+        model = load_hub_model(str(src))
+        config = json.loads((src / CONFIG_NAME).read_text())
+        info.label_names = config.get('label_names')
+        if (src / 'README.md').is_file():
+            data = ModelCard.load(src / 'README.md').data
+            info.dataset = (data.datasets or [None])[0]
+            info.license = data.license
+    else:
+        kwargs = dict(pretrained_cfg_overlay=dict(file=args.weights)) if args.weights else {}
+        model = zoo.create_model(args.source, pretrained=True, **kwargs)
+        info.source = f'{args.source} ({args.weights or model.pretrained_cfg.get("url") or "its pretrained weights"})'
+        if model.num_classes == 1000 and str(model.pretrained_cfg.get('tag') or '').endswith('in1k'):
+            info.dataset = 'imagenet-1k'
+            info.label_names = list(timm.data.ImageNetInfo().label_names())
+        info.metrics = {n: v for n, v in (note.split(': ', 1) for note in model.pretrained_cfg.get('notes') or ()
+                                          if ': ' in note and 'top-1' in note)}
+        info.license = model.pretrained_cfg.get('license')
+    if args.metrics:
+        info.metrics.update(read_metrics_file(Path(args.metrics)))
+    if args.train_config:
+        info.train_config = _read_config_file(Path(args.train_config))
+    info.dataset = args.dataset or info.dataset or _find_key(info.train_config, ('dataset', 'dataset_name'))
+    ipd = args.images_per_device or _find_key(info.train_config, ('images_per_device', 'batch_size'))
+    info.images_per_device = int(ipd) if ipd is not None else None
+    info.label_names = _label_names(args.label_names) or info.label_names
+    info.license = args.license or info.license or model.pretrained_cfg.get('license') or 'apache-2.0'
+    return model.eval(), info
+
+
+# ----------------------------------------------------------------------------------- model card
+
+def _papers_for(arch: str) -> List[str]:
+    keys = ['ws_bcn', 'resnext' if 'resnext' in arch else 'resnet']
+    if arch.endswith(('_bgn', '_wsbgn')):
+        keys.append('bgn')
+    if arch.endswith(('_gn', '_wsgn')):
+        keys.append('gn')
+    return keys + ['timm']
+
+
+def _describe(arch: str) -> str:
+    doc = (model_entrypoint(arch).__doc__ or '').strip().splitlines()
+    return doc[0].rstrip('.') if doc else arch
+
+
+TEST_METRICS = {'test/top1': 'top-1 accuracy', 'test/top5': 'top-5 accuracy'}  # logged as fractions
+
+
+def eval_results(repo_id: str, info: RunInfo) -> Optional[List[EvalResult]]:
+    """The run's test accuracies (in %) as the card's ``model-index``, which the Hub displays and parses."""
+    found = [(k, name) for k, name in TEST_METRICS.items() if isinstance(info.metrics.get(k), float)]
+    if not info.dataset or not found:
+        return None
+    return [EvalResult(task_type='image-classification', dataset_type=info.dataset, dataset_name=info.dataset,
+                       dataset_split='test', metric_type='accuracy', metric_name=name,
+                       metric_value=round(100 * info.metrics[k], 2)) for k, name in found]
+
+
+def _recipe_line(repo_id: str) -> str:
+    """The recipe of the weights' registry entry (zoo/hub/registry.py), so card and list_pretrained agree."""
+    from zoo.hub.registry import ENTRIES
+    entry = next((e for e in ENTRIES if e.name == repo_id.split('/')[-1]), None)
+    return f'\n- **Recipe:** {entry.recipe}' if entry else ''
+
+
+def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> ModelCard:
+    cfg = model.pretrained_cfg
+    arch = split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
+    papers = _papers_for(arch)
+    results = eval_results(repo_id, info)
+    data = ModelCardData(
+        library_name='timm', license=info.license, pipeline_tag='image-classification',
+        tags=['image-classification', 'timm', 'wsbcn-zoo', 'micro-batch-training'],
+        datasets=[info.dataset] if info.dataset else None,
+        model_name=repo_id.split('/')[-1] if results else None, eval_results=results)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = '\n'.join(f'| {k} | {v:.4g} |' if isinstance(v, float) else f'| {k} | {v} |'
+                        for k, v in info.metrics.items()) or '| (none recorded) | |'
+    train_cfg = yaml.safe_dump(info.train_config, sort_keys=False).strip() if info.train_config else '(not recorded)'
+    model_args = json.dumps(getattr(model, '_model_args', {}), sort_keys=True)
+    citations = '\n'.join(f'```bibtex\n{PAPERS[k][2]}\n```' for k in papers)
+    content = f"""---
+{data.to_yaml()}
+---
+# Model card for {repo_id.split('/')[-1]}
+
+{_describe(arch)}: a `{arch}` from wsbcn-zoo, the micro-batch training zoo (Weight
+Standardization, Batch-Channel Normalization, Batch Group Normalization) for timm.
+
+## Model details
+- **Architecture:** `{arch}` (model args `{model_args}`)
+- **Parameters:** {n_params / 1e6:.2f}M
+- **Classes:** {model.num_classes}
+- **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation
+- **Dataset:** {info.dataset or '(not recorded)'}
+- **Images per device:** {info.images_per_device if info.images_per_device is not None else '(not recorded)'}
+- **Weights from:** {info.source}{_recipe_line(repo_id)}
+- **License:** {info.license}
+- **Papers:** {'; '.join(f'{PAPERS[k][0]} ({PAPERS[k][1]})' for k in papers)}
+
+## Metrics of the run
+| metric | value |
+|---|---|
+{metrics}
+
+## Training config
+```yaml
+{train_cfg}
+```
+
+## Usage
+```python
+import timm, zoo  # importing zoo registers the architecture in timm
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+data_cfg = timm.data.resolve_data_config(model=model)
+transform = timm.data.create_transform(**data_cfg)
+```
+Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache; `zoo.load_model('{repo_id}')` also checks
+the weights against the digest in `config.json`.
+
+## Citation
+{citations}
+"""
+    return ModelCard(content)
+
+
+# ----------------------------------------------------------------------------------- folder and push
+
+def write_folder(model: torch.nn.Module, info: RunInfo, folder: Path, repo_id: str, data_config=None) -> Path:
+    """Weights + config.json (zoo.save_hub_folder), the model card, then a bit-exact reload check."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = split_model_name_tag(model.pretrained_cfg.get('architecture') or '')[0]
+    description = f'{_describe(arch)}' + (f', trained on {info.dataset}' if info.dataset else '') + (
+        f', {info.images_per_device} images per device' if info.images_per_device else '')
+    zoo.save_hub_folder(model, folder, label_names=info.label_names, data_config=data_config,
+                        pretrained_cfg=dict(description=description))
+    build_model_card(model, repo_id, info).save(folder / 'README.md')
+    check_round_trip(model, folder)
+    return folder
+
+
+def check_round_trip(model: torch.nn.Module, folder: Path) -> None:
+    reloaded = load_hub_model(str(folder)).eval()
+    size = tuple(reloaded.pretrained_cfg['input_size'])
+    x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(model.eval()(x), reloaded(x)):
+            raise RuntimeError(f'{folder}: the saved model does not reproduce the source model; not publishing.')
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
+                commit_message: str = 'Upload model', api: Optional[HfApi] = None):
+    """Create the repo (and branch) if needed and upload the folder in one commit."""
+    api = api or HfApi()  # token: HF_TOKEN or the saved `hf auth login`, never passed around here
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision and revision != 'main':
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
+
+
+def _data_config(args) -> Optional[Dict[str, Any]]:
+    cfg = {k: v for k, v in dict(
+        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
+        input_size=tuple(args.input_size) if args.input_size else None, crop_pct=args.crop_pct,
+        interpolation=args.interpolation).items() if v is not None}
+    return cfg or None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('source', help='Lightning .ckpt, a model folder, or a timm/zoo model name (with --weights)')
+    p.add_argument('--repo-id', required=True, help='ORG/NAME on the Hub')
+    p.add_argument('--private', action='store_true', help='create the repo private')
+    p.add_argument('--revision', default=None, help='branch to push to (created if missing; default main)')
+    p.add_argument('--commit-message', default=None)
+    p.add_argument('--dry-run', action='store_true', help='only write (and check) the folder; push nothing')
+    p.add_argument('--out', default=None, help='folder to write (default: a temporary one, or ./hub_export/NAME with --dry-run)')
+    p.add_argument('--model-name', default=None, help='architecture, when the checkpoint does not record it')
+    p.add_argument('--weights', default=None, help='weights file for a model-name source (converted if the tag needs it)')
+    p.add_argument('--dataset', default=None, help='dataset name for the card, e.g. cifar10')
+    p.add_argument('--metrics', default=None, help='JSON dict or Lightning metrics.csv (found next to the checkpoint if not given)')
+    p.add_argument('--train-config', default=None, help='YAML/JSON training config (config.yaml/hparams.yaml found if not given)')
+    p.add_argument('--images-per-device', type=int, default=None, help='images per device in training (default: batch_size of the config)')
+    p.add_argument('--label-names', default=None, help='text file (one per line), JSON list, or an ImageFolder root')
+    p.add_argument('--license', default=None, help='license of the weights (default: the model cfg, else apache-2.0)')
+    p.add_argument('--mean', type=float, nargs=3, default=None)
+    p.add_argument('--std', type=float, nargs=3, default=None)
+    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    p.add_argument('--crop-pct', type=float, default=None)
+    p.add_argument('--interpolation', default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, info = load_source(args)
+    except (WeightsError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    name = args.repo_id.split('/')[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.out or (f'hub_export/{name}' if args.dry_run else Path(tmp) / name))
+        write_folder(model, info, folder, args.repo_id, data_config=_data_config(args))
+        print(f'wrote {folder}: {WEIGHTS_NAME}, {CONFIG_NAME}, README.md (reload check passed)')
+        if args.dry_run:
+            print('dry run: nothing pushed')
+            return 0
+        message = args.commit_message or f'Upload {name} from {Path(info.source).name}'
+        commit = push_folder(folder, args.repo_id, private=args.private, revision=args.revision, commit_message=message)
+        print(f'pushed to {args.repo_id}' + (f'@{args.revision}' if args.revision else '') + f': {commit.commit_url}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
