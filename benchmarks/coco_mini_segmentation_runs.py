@@ -56,7 +56,7 @@ def finished(run_dir: Path, max_steps: int) -> bool:
     if not last.is_file():
         return False
     import torch
-    return torch.load(last, map_location='cpu', weights_only=False).get('global_step') == max_steps
+    return torch.load(last, map_location='cpu', weights_only=True).get('global_step') == max_steps
 
 
 def final_metrics(run_dir: Path) -> Dict[str, float]:
