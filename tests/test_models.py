@@ -75,10 +75,10 @@ def test_features_only_channels_and_strides(name):
 
 @pytest.mark.parametrize('name', IMAGE_MODELS)
 def test_default_cfg(name):
-    cfg = timm.create_model(name).pretrained_cfg
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
     for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'first_conv', 'classifier', 'license'):
         assert cfg.get(key) is not None, f'{name}: default_cfg lacks {key}'
-    model = timm.create_model(name)
     assert isinstance(model.get_submodule(cfg['first_conv']), nn.Conv2d)
     assert isinstance(model.get_submodule(cfg['classifier']), nn.Linear)
     if cfg.get('hf_hub_id'):
@@ -131,7 +131,10 @@ COMPILE_BACKENDS = [
 
 
 @pytest.mark.parametrize('backend, tol', COMPILE_BACKENDS)
-@pytest.mark.parametrize('name, size', [('resnet18_wsbcn', 64), ('resnet20_wsbcn', 16)])
+@pytest.mark.parametrize('name, size', [
+    pytest.param('resnet18_wsbcn', 64, marks=pytest.mark.slow),  # ~40 s of graph capture each on 2 cores:
+    ('resnet20_wsbcn', 16),                                       # one BCN model in the default run
+])
 def test_torch_compile(name, size, backend, tol):
     """One model per family compiles as one graph; training updates the estimates as in eager mode."""
     model = timm.create_model(name)
@@ -152,6 +155,7 @@ def test_torch_compile(name, size, backend, tol):
         torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow  # ~35 s of graph capture on 2 cores
 def test_torch_compile_video_family():
     """The TSM family (frames folded into the batch, temporal shift) compiles as one graph too."""
     model = timm.create_model('tsm_resnet18_wsbcn', num_segments=2, num_classes=3)
