@@ -6,10 +6,19 @@ schedule is shared by all. A run that already has a test top-1 in its logs is sk
 at any time and started again. On a small CPU machine, two one-thread runs side by side train
 about 1.4x faster in total than one run using both cores. The thread count is logged with each
 start: on CPU it changes float summation order, so a run resumed with other threads drifts slightly
-from an uninterrupted one.
+from an uninterrupted one; each start also writes it into the run's ``train.log``.
 
     python benchmarks/cifar_runs.py --epochs 15 --jobs 2 \\
         configs/cifar10/resnet20_wsbcn.yaml configs/cifar10/resnet20_b128.yaml ...
+
+Other seeds of the same configs: ``--seeds 1 2`` runs each config once per seed, seed N in
+``<run folder>_seedN`` (``runs/cifar10/resnet20_wsbcn_seed1``), with ``seed_everything: N`` (which
+also seeds the data order and augmentation). The config's own seed keeps its own folder, so
+``--seeds 0 1 2`` skips the finished seed-0 runs. The seed and the new folders reach ``zoo-train``
+as a second config, ``seed.yaml`` in the run folder; ``benchmarks/cifar_results.py`` groups the
+seeds of a config and reports their mean and spread.
+
+    python benchmarks/cifar_runs.py --epochs 15 --jobs 1 --threads 1 --seeds 1 configs/cifar10/resnet20_wsbcn.yaml
 """
 import argparse
 import os
@@ -18,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -29,10 +38,44 @@ DEFAULT_CONFIGS = [f'configs/cifar10/{name}.yaml' for name in (
     'resnet20_wsbcn', 'resnet20_b128', 'resnet20', 'resnet20_gn', 'resnet20_wsgn', 'resnet20_bgn')]
 
 
-def run_dir_of(config: Path) -> Path:
-    """The run folder a config writes to (its ``trainer.default_root_dir``)."""
+def run_dir_of(config: Path, seed: Optional[int] = None) -> Path:
+    """The run folder of ``config`` (its ``trainer.default_root_dir``), or of its run with ``seed``."""
     cfg = yaml.safe_load(Path(config).read_text())
-    return Path(cfg['trainer']['default_root_dir'])
+    try:
+        run_dir = Path(cfg['trainer']['default_root_dir'])
+    except (KeyError, TypeError):
+        raise ValueError(f'{config}: no trainer.default_root_dir, so its runs have no folder of their own') from None
+    if seed is None or seed == cfg.get('seed_everything'):
+        return run_dir
+    return run_dir.with_name(f'{run_dir.name}_seed{seed}')
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` with every path under the folder ``old`` moved under ``new``."""
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + '/')):
+        return new + value[len(old):]
+    return value
+
+
+def seed_override(config: Path, seed: int) -> Optional[Dict[str, Any]]:
+    """The second config that turns ``config`` into its run with ``seed``: the seed, and every
+    setting that names the run folder (root dir, logger, checkpoints) moved to the seed's folder.
+    None for the config's own seed."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    old, new = str(run_dir_of(config)), str(run_dir_of(config, seed))
+    if old == new:
+        return None
+    override: Dict[str, Any] = {'seed_everything': seed}
+    for section, value in cfg.items():  # only the keys that change: the rest comes from the config
+        if isinstance(value, dict):
+            changed = {k: _moved(v, old, new) for k, v in value.items() if _moved(v, old, new) != v}
+            if changed:
+                override[section] = changed
+    return override
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -43,26 +86,37 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-def train_command(config: Path, epochs: int, resume: bool) -> List[str]:
-    cmd = ['zoo-train', 'fit', '-c', str(config), '--trainer.max_epochs', str(epochs),
-           '--trainer.enable_progress_bar', 'false']
+def train_command(config: Path, epochs: int, resume: bool, override: Optional[Path] = None) -> List[str]:
+    cmd = ['zoo-train', 'fit', '-c', str(config)] + (['-c', str(override)] if override else [])
+    cmd += ['--trainer.max_epochs', str(epochs), '--trainer.enable_progress_bar', 'false']
     return cmd + (['--ckpt_path', 'last'] if resume else [])
 
 
-def run_one(config: Path, epochs: int, threads: int) -> int:
-    run_dir = run_dir_of(config)
+def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None) -> int:
+    run_dir = run_dir_of(config, seed)
+    name = f'{config} (seed {seed})' if seed is not None else str(config)
     if is_finished(run_dir):
-        print(f'[skip] {config}: finished ({run_dir})', flush=True)
+        print(f'[skip] {name}: finished ({run_dir})', flush=True)
         return 0
     resume = (run_dir / 'checkpoints' / 'last.ckpt').is_file()
-    cmd = train_command(config, epochs, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
+    override = seed_override(config, seed) if seed is not None else None
+    override_path = None
+    if override is not None:
+        override_path = run_dir / 'seed.yaml'
+        override_path.write_text(f'# written by benchmarks/cifar_runs.py: {config} with seed {seed}\n'
+                                 + yaml.safe_dump(override, sort_keys=False))
+    cmd = train_command(config, epochs, resume, override_path)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    print(f'[{"resume" if resume else "start"}] {" ".join(cmd)}  (threads: {threads}, log: {run_dir / "train.log"})', flush=True)
+    what = 'resume' if resume else 'start'
+    print(f'[{what}] {" ".join(cmd)}  (threads: {threads}, log: {run_dir / "train.log"})', flush=True)
     start = time.time()
     with open(run_dir / 'train.log', 'a') as log:
+        stamp = time.strftime('%Y-%m-%d %H:%M:%S %Z')
+        log.write(f'[cifar_runs] {what} at {stamp}, threads: {threads} (OMP_NUM_THREADS): {" ".join(cmd)}\n')
+        log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f'[{"done" if rc == 0 else f"failed rc={rc}"}] {config} after {(time.time() - start) / 60:.1f} min',
+    print(f'[{"done" if rc == 0 else f"failed rc={rc}"}] {name} after {(time.time() - start) / 60:.1f} min',
           flush=True)
     return rc
 
@@ -73,10 +127,13 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument('--epochs', type=int, required=True, help='the one schedule shared by every run')
     parser.add_argument('--jobs', type=int, default=2, help='runs side by side')
     parser.add_argument('--threads', type=int, default=None, help='threads per run (default: cores / jobs)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None,
+                        help="run each config with these seeds (default: the config's own), seed N in <run folder>_seedN")
     args = parser.parse_args(argv)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    runs = [(c, seed) for c in args.configs for seed in (args.seeds or [None])]
     with ThreadPoolExecutor(args.jobs) as pool:
-        codes = list(pool.map(lambda c: run_one(c, args.epochs, threads), args.configs))
+        codes = list(pool.map(lambda run: run_one(run[0], args.epochs, threads, run[1]), runs))
     return max(codes, default=0)
 
 
