@@ -7,20 +7,28 @@ emulated or real device count and the final test top-1 (``test/top1``, logged by
 ``--test_after_fit``), and writes a markdown table and a plot of test accuracy against images per
 device, one line per architecture and normalization (like Figure 1 of the BCN paper).
 
+Runs of one configuration with different seeds (``benchmarks/cifar_runs.py --seeds``) are one row:
+the mean ± sample standard deviation of their test top-1, with each seed's result; the plot shows
+the mean with an error bar of one standard deviation and each seed as a faint point. Runs are the
+same configuration when every setting both logged configs have agrees, apart from the seed, the
+run folder's paths and settings that do not change the result (:data:`NOT_THE_SETUP`); settings
+only one of them logs (options added to the zoo after the older run) are not compared.
+
     python benchmarks/cifar_results.py runs/cifar10/* --out benchmarks/results/cifar10_microbatch
 """
 import argparse
 import csv
 import os
+import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.hub.registry import cifar10_tag, shipped_weights  # noqa: E402
+from zoo.hub.registry import ENTRIES, cifar10_tag, shipped_weights  # noqa: E402
 
 NORM_LABELS = {
     'wsbcn': 'WS+BCN', 'bcn': 'BCN', 'wsgn': 'WS+GN', 'gn': 'GN', 'bgn': 'BGN', 'wsbgn': 'WS+BGN',
@@ -39,12 +47,61 @@ class RunResult:
     test_top1: float
     log_dir: Path  # the logs/version_* folder the test result comes from
     test_step: int  # the global step the test ran at (publishing checks the checkpoint against it)
+    seed: Optional[int] = None  # seed_everything (it also seeds the data order and augmentation)
+    groups: Optional[int] = None  # norm groups set in model_kwargs.norm_groups (None: the model's default)
+    settings: Dict[str, Any] = field(default_factory=dict, repr=False)  # the logged config, flattened
+
+    @property
+    def label(self) -> str:
+        """The normalization, with its groups when the config sets them (``BGN (G=1)``)."""
+        return self.norm if self.groups is None else f'{self.norm} (G={self.groups})'
 
 
 def norm_of(model_name: str) -> str:
     """Normalization label from a zoo model name (``resnet20_wsbcn`` -> ``WS+BCN``)."""
     arch, _, suffix = model_name.partition('_')
     return NORM_LABELS.get(suffix, suffix.upper())
+
+
+# Logged settings that do not change what a run computes (or name its folder, which is handled apart).
+NOT_THE_SETUP = frozenset({
+    'seed_everything', 'ckpt_path', 'trainer.enable_progress_bar', 'data.init_args.num_workers',
+    'data.init_args.data_path', 'data.init_args.cache_dir', 'data.init_args.pin_memory'})
+
+
+def _flatten(cfg: Any, prefix: str = '') -> Dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix.rstrip('.'): cfg}
+    out: Dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_flatten(v, f'{prefix}{k}.'))
+    return out
+
+
+def _setup_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The flattened config that defines the experiment: without :data:`NOT_THE_SETUP`, and with
+    the run folder (``trainer.default_root_dir``) written as ``<run>`` wherever a path names it."""
+    root = str((cfg.get('trainer') or {}).get('default_root_dir') or '')
+
+    def unrooted(v):
+        if isinstance(v, list):
+            return [unrooted(x) for x in v]
+        if isinstance(v, dict):
+            return {k: unrooted(x) for k, x in v.items()}
+        if root and isinstance(v, str) and (v == root or v.startswith(root + '/')):
+            return '<run>' + v[len(root):]
+        return v
+    return {k: unrooted(v) for k, v in _flatten(cfg).items() if k not in NOT_THE_SETUP}
+
+
+def setup_differences(a: RunResult, b: RunResult) -> List[str]:
+    """The settings that both runs log with different values (empty: the same configuration)."""
+    return sorted(k for k in set(a.settings) & set(b.settings) if a.settings[k] != b.settings[k])
+
+
+def _seed_of(cfg: Dict[str, Any]) -> Optional[int]:
+    seed = cfg.get('seed_everything')
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def _versions(run_dir: Path) -> List[Path]:
@@ -75,11 +132,13 @@ def read_run(run_dir: Path) -> RunResult:
                 model = cfg['model']['init_args']['model_name']
                 data = cfg['data']['init_args']
                 devices = data.get('virtual_devices') or cfg['trainer'].get('devices') or 1
+                groups = (cfg['model']['init_args'].get('model_kwargs') or {}).get('norm_groups')
                 return RunResult(
                     run=run_dir.name, model=model, norm=norm_of(model), images_per_device=int(data['batch_size']),
                     devices=int(devices) if str(devices).isdigit() else 1,
                     epochs=cfg['trainer'].get('max_epochs'), test_top1=100 * test[0], log_dir=version,
-                    test_step=test[1])
+                    test_step=test[1], seed=_seed_of(cfg),
+                    groups=None if groups is None else int(groups), settings=_setup_settings(cfg))
     raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
 
 
@@ -90,28 +149,111 @@ def tag_for(model: str, norm: str, images_per_device: int) -> str:
 
 
 def shipped_tag(r: RunResult) -> str:
-    """The tag, if its weights are shipped in ``zoo/pretrained`` (else '-')."""
+    """The tag, if its weights are shipped in ``zoo/pretrained`` and come from this run, else '-'.
+
+    The registry's recipe names the config the weights were trained with, whose run folder is
+    ``runs/cifar10/<config>``: other seeds (``<config>_seed1``) or variants of it (BGN with other
+    groups) map to the same tag name but are not the shipped weights."""
     tag = tag_for(r.model, r.norm, r.images_per_device)
-    return tag if shipped_weights(tag) else '-'
+    entry = next((e for e in ENTRIES if e.name == tag), None)
+    if not shipped_weights(tag) or entry is None or f'configs/cifar10/{r.run}.yaml' not in entry.recipe:
+        return '-'
+    return tag
 
 
-def baseline_of(results: Sequence[RunResult], arch: str) -> Optional[RunResult]:
-    """The large-batch BN run of an architecture (BN at the most images per device), if any."""
-    bn = [r for r in results if r.norm == 'BN' and r.model.partition('_')[0] == arch]
-    return max(bn, key=lambda r: r.images_per_device) if bn else None
+@dataclass
+class ConfigResult:
+    """The runs of one configuration, one per seed (ordered by seed)."""
+    runs: List[RunResult]
+
+    # What the table shows of a configuration: the same in each of its runs.
+    model = property(lambda self: self.runs[0].model)
+    norm = property(lambda self: self.runs[0].norm)
+    label = property(lambda self: self.runs[0].label)
+    images_per_device = property(lambda self: self.runs[0].images_per_device)
+    devices = property(lambda self: self.runs[0].devices)
+    epochs = property(lambda self: self.runs[0].epochs)
+
+    @property
+    def arch(self) -> str:
+        return self.model.partition('_')[0]
+
+    @property
+    def top1s(self) -> List[float]:
+        return [r.test_top1 for r in self.runs]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.top1s)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1) over the seeds; 0 for a single run."""
+        return statistics.stdev(self.top1s) if len(self.runs) > 1 else 0.
+
+    @property
+    def weights(self) -> str:
+        """The shipped tag and, for several seeds, which seed it is."""
+        shipped = [(r, shipped_tag(r)) for r in self.runs if shipped_tag(r) != '-']
+        if not shipped:
+            return '-'
+        return ', '.join(tag if len(self.runs) == 1 else f'{tag} (seed {r.seed})' for r, tag in shipped)
+
+
+def _seed_order(r: RunResult) -> Tuple[bool, int, str]:
+    return r.seed is None, r.seed or 0, r.run
+
+
+def group_by_config(results: Sequence[RunResult]) -> List[ConfigResult]:
+    """One :class:`ConfigResult` per configuration: runs that differ only in their seed (and folder)."""
+    groups: List[List[RunResult]] = []
+    for r in sorted(results, key=lambda r: r.run):
+        shown = (r.model, r.label, r.images_per_device, r.devices, r.epochs)
+        group = next((g for g in groups if all(
+            (o.model, o.label, o.images_per_device, o.devices, o.epochs) == shown and not setup_differences(o, r)
+            for o in g)), None)
+        if group is None:
+            groups.append([r])
+            continue
+        twin = next((o for o in group if o.seed == r.seed), None)
+        if twin is not None:
+            raise ValueError(f'{twin.log_dir} and {r.log_dir}: the same configuration with the same seed '
+                             f'({r.seed}); pass only one of these runs')
+        group.append(r)
+    return [ConfigResult(sorted(g, key=_seed_order)) for g in groups]
+
+
+def baseline_of(configs: Sequence[ConfigResult], arch: str) -> Optional[ConfigResult]:
+    """The large-batch BN configuration of an architecture (BN at the most images per device), if any."""
+    bn = [c for c in configs if c.norm == 'BN' and c.arch == arch]
+    return max(bn, key=lambda c: c.images_per_device) if bn else None
+
+
+def _top1_cell(c: ConfigResult) -> str:
+    if len(c.runs) == 1:
+        return f'{c.mean:.2f}'
+    seeds = ', '.join(str(r.seed) for r in c.runs)
+    return f'{c.mean:.2f} ± {c.std:.2f} (seeds {seeds}: {", ".join(f"{t:.2f}" for t in c.top1s)})'
+
+
+SEEDS_NOTE = ('With several seeds: mean ± sample standard deviation (n - 1) of the test top-1 over the seeds '
+              'listed, each seed\'s result in brackets; *vs. large-batch BN* compares the means.')
 
 
 def markdown_table(results: Sequence[RunResult]) -> str:
+    configs = group_by_config(results)
     lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) | vs. large-batch BN | weights |',
              '|---|---|---|---|---|---|---|---|---|']
-    for r in sorted(results, key=lambda r: (r.model.partition('_')[0], r.norm != 'BN', -r.images_per_device, r.norm)):
-        base = baseline_of(results, r.model.partition('_')[0])
-        if base is None or base is r:
-            gap = '(baseline)' if base is r else '-'
+    for c in sorted(configs, key=lambda c: (c.arch, c.norm != 'BN', -c.images_per_device, c.label)):
+        base = baseline_of(configs, c.arch)
+        if base is None or base is c:
+            gap = '(baseline)' if base is c else '-'
         else:
-            gap = f'{r.test_top1 - base.test_top1:+.2f}'
-        lines.append(f'| {r.run} | {r.model} | {r.norm} | {r.images_per_device} | {r.devices} | {r.epochs} | '
-                     f'{r.test_top1:.2f} | {gap} | {shipped_tag(r)} |')
+            gap = f'{c.mean - base.mean:+.2f}'
+        lines.append(f'| {", ".join(r.run for r in c.runs)} | {c.model} | {c.label} | {c.images_per_device} | '
+                     f'{c.devices} | {c.epochs} | {_top1_cell(c)} | {gap} | {c.weights} |')
+    if any(len(c.runs) > 1 for c in configs):
+        lines += ['', SEEDS_NOTE]
     return '\n'.join(lines) + '\n'
 
 
@@ -133,26 +275,34 @@ def plot(results: Sequence[RunResult], path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    configs = group_by_config(results)
+    several = any(len(c.runs) > 1 for c in configs)
     fig, ax = plt.subplots(figsize=(6, 4))
-    lines = sorted({(r.model.partition('_')[0], r.norm) for r in results})
-    for arch, norm in lines:  # one line per architecture and normalization
-        points = sorted((r.images_per_device, r.test_top1) for r in results
-                        if r.norm == norm and r.model.partition('_')[0] == arch)
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker='o', label=f'{arch} {norm}')
-    for arch in sorted({r.model.partition('_')[0] for r in results}):
-        base = baseline_of(results, arch)
-        if base is not None:  # the large-batch BN result as a reference line
-            ax.axhline(base.test_top1, color='gray', linestyle='--', linewidth=1)
-            ax.annotate(f'{arch} BN @ {base.images_per_device}', (1, base.test_top1), xycoords=('axes fraction', 'data'),
+    for arch, label in sorted({(c.arch, c.label) for c in configs}):  # one line per architecture and normalization
+        line = sorted((c for c in configs if c.arch == arch and c.label == label), key=lambda c: c.images_per_device)
+        xs = [c.images_per_device for c in line]
+        bars = ax.errorbar(xs, [c.mean for c in line], yerr=[c.std for c in line], marker='o', capsize=3,
+                           label=f'{arch} {label}')
+        for c in line:  # each seed of a configuration with several, as a faint point
+            if len(c.runs) > 1:
+                ax.scatter([c.images_per_device] * len(c.runs), c.top1s, s=12, alpha=0.4,
+                           color=bars[0].get_color(), zorder=3)
+    for arch in sorted({c.arch for c in configs}):
+        base = baseline_of(configs, arch)
+        if base is not None:  # the large-batch BN result as a reference line (and its spread over seeds)
+            ax.axhline(base.mean, color='gray', linestyle='--', linewidth=1)
+            if len(base.runs) > 1:
+                ax.axhspan(base.mean - base.std, base.mean + base.std, color='gray', alpha=0.15, linewidth=0)
+            ax.annotate(f'{arch} BN @ {base.images_per_device}', (1, base.mean), xycoords=('axes fraction', 'data'),
                         ha='right', va='bottom', fontsize=8, color='gray')
     ax.set_xscale('log', base=2)
     ax.margins(x=0.15)
-    sizes = sorted({r.images_per_device for r in results})
+    sizes = sorted({c.images_per_device for c in configs})
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel('images per device')
     ax.set_ylabel('CIFAR-10 test top-1 (%)')
-    ax.set_title('Test accuracy vs. images per device')
+    ax.set_title('Test accuracy vs. images per device' + ('\n(several seeds: mean ± 1 std, dots: each seed)'
+                                                          if several else ''))
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -16,14 +16,22 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _write_run(root: Path, name: str, model: str, batch_size: int, virtual_devices, versions) -> Path:
-    """A run folder as zoo-train writes it: one logs/version_i per entry of ``versions`` (a test top-1 or None)."""
+def _write_run(root: Path, name: str, model: str, batch_size: int, virtual_devices, versions,
+               seed=None, model_kwargs=None, lr=0.1) -> Path:
+    """A run folder as zoo-train writes it: one logs/version_i per entry of ``versions`` (a test top-1 or None).
+    ``seed`` (seed_everything) and ``model_kwargs`` are logged when given."""
     for i, top1 in enumerate(versions):
         d = root / name / 'logs' / f'version_{i}'
         d.mkdir(parents=True)
-        cfg = {'trainer': {'devices': 1, 'max_epochs': 20},
-               'model': {'init_args': {'model_name': model}},
+        cfg = {'trainer': {'devices': 1, 'max_epochs': 20, 'default_root_dir': str(root / name),
+                           'callbacks': [{'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint',
+                                          'init_args': {'dirpath': str(root / name / 'checkpoints')}}]},
+               'model': {'init_args': {'model_name': model, 'lr': lr}},
                'data': {'init_args': {'batch_size': batch_size, 'virtual_devices': virtual_devices}}}
+        if seed is not None:
+            cfg['seed_everything'] = seed
+        if model_kwargs is not None:
+            cfg['model']['init_args']['model_kwargs'] = model_kwargs
         (d / 'config.yaml').write_text(yaml.safe_dump(cfg))
         with open(d / 'metrics.csv', 'w', newline='') as f:
             w = csv.DictWriter(f, fieldnames=['epoch', 'step', 'val/top1', 'test/top1'])

@@ -61,3 +61,72 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path, make_run):
     readme.write_text('no markers\n')
     with pytest.raises(ValueError, match='add the markers'):
         cifar_results.main([str(runs[0]), '--out', str(out), '--readme', str(readme)])
+
+
+def _seeds_of_wsbcn(tmp_path, make_run):
+    """Three seeds of WS+BCN at 2 images per device, one seed of the BN baseline."""
+    return [
+        make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [0.8441], seed=0),
+        make_run(tmp_path, 'resnet20_wsbcn_seed1', 'resnet20_wsbcn', 2, 64, [None, 0.8412], seed=1),  # resumed once
+        make_run(tmp_path, 'resnet20_wsbcn_seed2', 'resnet20_wsbcn', 2, 64, [0.8437], seed=2),
+        make_run(tmp_path, 'resnet20_b128', 'resnet20', 128, None, [0.8411], seed=0),
+    ]
+
+
+def test_seeds_of_a_config_are_one_row_with_mean_and_sample_std(tmp_path, monkeypatch, make_run):
+    monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
+    runs = _seeds_of_wsbcn(tmp_path, make_run)
+    newer = runs[2] / 'logs' / 'version_0' / 'config.yaml'  # an option the zoo gained after the seed-0 run
+    newer.write_text(newer.read_text() + 'top_k: 5\n')
+    configs = cifar_results.group_by_config([cifar_results.read_run(r) for r in runs])
+    assert sorted(len(c.runs) for c in configs) == [1, 3]
+    wsbcn = next(c for c in configs if len(c.runs) == 3)
+    assert [r.seed for r in wsbcn.runs] == [0, 1, 2]
+    # 84.41, 84.12, 84.37: mean 84.30, squared deviations 0.0494; sample std sqrt(0.0494 / 2) = 0.1572
+    # (the population std, sqrt(0.0494 / 3) = 0.1283, would round to 0.13 in the table)
+    assert wsbcn.mean == pytest.approx(84.30, abs=1e-9) and wsbcn.std == pytest.approx((0.0494 / 2) ** 0.5, abs=1e-9)
+
+    out = tmp_path / 'out' / 'table'
+    assert cifar_results.main([str(r) for r in runs] + ['--out', str(out)]) == 0
+    table = out.with_suffix('.md').read_text().splitlines()
+    assert ('| resnet20_wsbcn, resnet20_wsbcn_seed1, resnet20_wsbcn_seed2 | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | '
+            '84.30 ± 0.16 (seeds 0, 1, 2: 84.41, 84.12, 84.37) | +0.19 | - |') in table
+    assert '| resnet20_b128 | resnet20 | BN | 128 | 1 | 20 | 84.11 | (baseline) | - |' in table  # one seed: no ±
+    assert table[-1] == cifar_results.SEEDS_NOTE and 'sample standard deviation' in table[-1]
+    png = out.with_suffix('.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path, monkeypatch, make_run):
+    monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
+    runs = [
+        make_run(tmp_path, 'resnet20_bgn', 'resnet20_bgn', 2, 64, [0.7847], seed=0),
+        make_run(tmp_path, 'resnet20_bgn_g1', 'resnet20_bgn', 2, 64, [0.80], seed=0, model_kwargs={'norm_groups': 1}),
+        make_run(tmp_path, 'resnet20_bgn_g2', 'resnet20_bgn', 2, 64, [0.79], seed=0, model_kwargs={'norm_groups': 2}),
+        make_run(tmp_path, 'resnet20_bgn_lr', 'resnet20_bgn', 2, 64, [0.77], seed=1, lr=0.05),  # another lr
+    ]
+    table = cifar_results.markdown_table([cifar_results.read_run(r) for r in runs])
+    assert '| resnet20_bgn | resnet20_bgn | BGN | 2 | 64 | 20 | 78.47 | - | - |' in table
+    assert '| resnet20_bgn_g1 | resnet20_bgn | BGN (G=1) | 2 | 64 | 20 | 80.00 | - | - |' in table
+    assert '| resnet20_bgn_g2 | resnet20_bgn | BGN (G=2) | 2 | 64 | 20 | 79.00 | - | - |' in table
+    assert '| resnet20_bgn_lr | resnet20_bgn | BGN | 2 | 64 | 20 | 77.00 | - | - |' in table
+    assert '±' not in table and cifar_results.SEEDS_NOTE not in table
+
+
+def test_one_seed_twice_is_a_clear_error(tmp_path, make_run):
+    runs = [make_run(tmp_path, 'resnet20_gn', 'resnet20_gn', 2, 64, [0.75], seed=0),
+            make_run(tmp_path, 'resnet20_gn_copy', 'resnet20_gn', 2, 64, [0.76], seed=0)]
+    with pytest.raises(ValueError, match=r'same configuration with the same seed \(0\)'):
+        cifar_results.markdown_table([cifar_results.read_run(r) for r in runs])
+
+
+def test_shipped_weights_are_those_of_the_recipe_run_and_its_seed_is_named(tmp_path, monkeypatch, make_run):
+    monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'pretrained')
+    for tag in ('resnet20_wsbcn.cifar10', 'resnet20_bgn.cifar10'):
+        (tmp_path / 'pretrained' / tag).mkdir(parents=True)
+        (tmp_path / 'pretrained' / tag / 'model.safetensors').write_bytes(b'x')
+    runs = _seeds_of_wsbcn(tmp_path, make_run) + [
+        make_run(tmp_path, 'resnet20_bgn_g1', 'resnet20_bgn', 2, 64, [0.80], seed=0, model_kwargs={'norm_groups': 1})]
+    table = cifar_results.markdown_table([cifar_results.read_run(r) for r in runs])
+    assert '| +0.19 | resnet20_wsbcn.cifar10 (seed 0) |' in table
+    assert '| BGN (G=1) | 2 | 64 | 20 | 80.00 | -4.11 | - |' in table  # not the G = 8 run's shipped weights
