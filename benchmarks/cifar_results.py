@@ -95,8 +95,13 @@ def _setup_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def setup_differences(a: RunResult, b: RunResult) -> List[str]:
-    """The settings that both runs log with different values (empty: the same configuration)."""
-    return sorted(k for k in set(a.settings) & set(b.settings) if a.settings[k] != b.settings[k])
+    """The settings that both runs log with different values (empty: the same configuration). A
+    setting that is a value in one run and a section in the other (``model_kwargs: null`` against
+    ``model_kwargs: {norm_groups: 1}``) differs too."""
+    differ = {k for k in set(a.settings) & set(b.settings) if a.settings[k] != b.settings[k]}
+    for one, other in ((a.settings, b.settings), (b.settings, a.settings)):
+        differ |= {k for k in set(one) - set(other) if any(o.startswith(k + '.') for o in other)}
+    return sorted(differ)
 
 
 def _seed_of(cfg: Dict[str, Any]) -> Optional[int]:

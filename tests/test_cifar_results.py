@@ -111,6 +111,11 @@ def test_runs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path, monke
     assert '| resnet20_bgn_g2 | resnet20_bgn | BGN (G=2) | 2 | 64 | 20 | 79.00 | - | - |' in table
     assert '| resnet20_bgn_lr | resnet20_bgn | BGN | 2 | 64 | 20 | 77.00 | - | - |' in table
     assert '±' not in table and cifar_results.SEEDS_NOTE not in table
+    default, g1 = ({'model': {'init_args': {'model_name': 'resnet20_bgn', 'model_kwargs': kw}}}
+                   for kw in (None, {'norm_groups': 1}))  # as LightningCLI logs them
+    a, b = (cifar_results.RunResult(**{**vars(cifar_results.read_run(runs[0])),
+                                       'settings': cifar_results._setup_settings(cfg)}) for cfg in (default, g1))
+    assert cifar_results.setup_differences(a, b) == ['model.init_args.model_kwargs']
 
 
 def test_one_seed_twice_is_a_clear_error(tmp_path, make_run):

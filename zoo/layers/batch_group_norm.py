@@ -14,6 +14,13 @@ stay finite. The training output of that batch is NaN regardless: its batch stat
 
 ``num_groups`` must divide ``num_channels``: groups are then whole channels (the flattened
 split coincides with a channel split), so a group means the same thing at every resolution.
+
+Groups for micro-batches: the paper picks G by batch size, few groups for small batches (a
+third-party implementation uses G = 1). The zoo's defaults (32 here, 8 in the CIFAR ResNets) are
+GN's, not a micro-batch recommendation; the zoo recommends a G for micro-batches once CIFAR-10 runs
+at 2 images per device with G = 1 and G = 2 stand next to its G = 8 run, from the repository root:
+``python benchmarks/cifar_runs.py --epochs 15 --jobs 2 --threads 1 configs/cifar10/resnet20_bgn_g1.yaml
+configs/cifar10/resnet20_bgn_g2.yaml``, then ``python benchmarks/cifar_results.py runs/cifar10/*``.
 """
 import torch
 import torch.nn as nn

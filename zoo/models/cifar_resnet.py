@@ -6,7 +6,8 @@ shape use a 1x1 conv + norm (He et al.'s option B, as timm), so WS reaches them 
 
 The plain names (``resnet20``) are the BN baselines. GN, BCN and BGN use ``norm_groups=8``
 by default here (2/4/8 channels per group in the three stages), since 32 groups cannot split
-16 channels.
+16 channels. For BGN with micro-batches that is not a recommendation (see
+:class:`~zoo.layers.BatchGroupNorm2d`); ``norm_groups=1`` or ``2`` builds the other settings.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
