@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the checkout's zoo, when it is not installed
 from cifar_results import read_run, tag_for  # noqa: E402 (a sibling script: on the path when run as one)
 from zoo.hub import publish as hub_upload, read_lightning_checkpoint  # noqa: E402
-from zoo.hub.registry import HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402
+from zoo.hub.registry import ENTRIES, HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402
 from zoo.models.cifar_resnet import CIFAR10_CLASSES  # noqa: E402
 
 
@@ -37,6 +37,12 @@ def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[s
         raise ValueError(f'{ckpt} is from step {saved_step}, the test ran at step {result.test_step}: resume the run '
                          f'(zoo-train fit ... --ckpt_path last) so that last.ckpt holds the final weights.')
     name = tag or tag_for(result.model, result.norm, result.images_per_device)
+    entry = next((e for e in ENTRIES if e.name == name), None)
+    if tag is None and entry is not None and f'configs/cifar10/{run_dir.name}.yaml' not in entry.recipe:
+        # Another seed (<config>_seed1) or a variant (BGN with other groups) maps to the same tag name
+        # but is not the run the registry credits: publishing it would silently replace those weights.
+        raise ValueError(f'{run_dir} is not the run the registry credits for {name} ({entry.recipe}); '
+                         f'publish it under another tag (--tag) and add a registry entry for it')
     out = out_root / name
     with tempfile.TemporaryDirectory() as tmp:
         labels = Path(tmp) / 'labels.json'
@@ -54,9 +60,12 @@ def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('runs', nargs='+', type=Path, help='finished zoo-train run folders')
     parser.add_argument('--out-root', type=Path, default=SHIPPED_WEIGHTS_DIR)
+    parser.add_argument('--tag', default=None, help='publish under this tag (one run only) instead of the recipe\'s')
     args = parser.parse_args(argv)
+    if args.tag and len(args.runs) > 1:
+        parser.error('--tag names one run')
     for run in args.runs:
-        print(f'{run} -> {publish(run, args.out_root)}')
+        print(f'{run} -> {publish(run, args.out_root, args.tag)}')
     return 0
 
 
