@@ -50,6 +50,15 @@ def last_metrics(log_root: Path) -> Optional[Dict[str, float]]:
     return found
 
 
+def train_losses(log_root: Path) -> Optional[tuple]:
+    """(first, last) logged ``train/loss`` of the fit (every ``log_every_n_steps``), or None."""
+    losses = []
+    for path in sorted(log_root.glob('logs/version_*/metrics.csv'), key=lambda p: int(p.parent.name.split('_')[1])):
+        with open(path, newline='') as f:
+            losses += [(int(r['step']), float(r['train/loss'])) for r in csv.DictReader(f) if r.get('train/loss')]
+    return (losses[0], losses[-1]) if losses else None
+
+
 def trained_steps(checkpoint: Path) -> Optional[int]:
     if not checkpoint.is_file():
         return None
@@ -92,15 +101,17 @@ def table(rows: List[dict], config: Path, extra: Sequence[str], threads: int) ->
         'device. Detectors start from random initialisation: no ImageNet weights are available offline. 100 '
         'training images and a few minutes of CPU training give rough numbers only, not a COCO result.', '',
         '| detector | norm | box AP before | box AP after | box AP50 after | mask AP before | mask AP after '
-        '| mask AP50 after | fit steps | fit time |',
-        '|---|---|---|---|---|---|---|---|---|---|']
+        '| mask AP50 after | train loss, first -> last logged step | fit steps | fit time |',
+        '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         b, a = r['before'] or {}, r['after'] or {}
         fit_time = '-' if r['fit_s'] is None else f'{r["fit_s"] / 60:.1f} min'
+        loss = '-' if not r.get('loss') else '{:.2f} (step {}) -> {:.2f} (step {})'.format(
+            r['loss'][0][1], r['loss'][0][0], r['loss'][1][1], r['loss'][1][0])
         lines.append(
             f'| `{r["model"]}` | {r["norm"]} | {fmt(b.get("val/bbox_map"))} | {fmt(a.get("val/bbox_map"))} '
             f'| {fmt(a.get("val/bbox_map_50"))} | {fmt(b.get("val/segm_map"))} | {fmt(a.get("val/segm_map"))} '
-            f'| {fmt(a.get("val/segm_map_50"))} | {a.get("step") or "-"} '
+            f'| {fmt(a.get("val/segm_map_50"))} | {loss} | {a.get("step") or "-"} '
             f'| {fit_time} |')
     return '\n'.join(lines) + '\n'
 
@@ -132,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if after is not None:
             after['step'] = trained_steps(run_dir / 'checkpoints' / 'last.ckpt')
         rows.append({'model': model, 'norm': DETECTORS.get(model, ''), 'before': before, 'after': after,
-                     'fit_s': fit_s})
+                     'fit_s': fit_s, 'loss': train_losses(run_dir / 'fit')})
         print(f'{model}: box AP {fmt((before or {}).get("val/bbox_map"))} -> {fmt((after or {}).get("val/bbox_map"))}, '
               f'mask AP {fmt((before or {}).get("val/segm_map"))} -> {fmt((after or {}).get("val/segm_map"))}',
               flush=True)
