@@ -18,7 +18,7 @@ also seeds the data order and augmentation). The config's own seed keeps its own
 as a second config, ``seed.yaml`` in the run folder; ``benchmarks/cifar_results.py`` groups the
 seeds of a config and reports their mean and spread.
 
-    python benchmarks/cifar_runs.py --epochs 15 --jobs 1 --threads 1 --seeds 1 configs/cifar10/resnet20_wsbcn.yaml
+    python benchmarks/cifar_runs.py --epochs 15 --jobs 1 --threads 1 configs/cifar10/resnet20_wsbcn.yaml --seeds 1
 """
 import argparse
 import os
@@ -128,7 +128,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument('--jobs', type=int, default=2, help='runs side by side')
     parser.add_argument('--threads', type=int, default=None, help='threads per run (default: cores / jobs)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
-                        help="run each config with these seeds (default: the config's own), seed N in <run folder>_seedN")
+                        help="run each config with these seeds (default: the config's own), seed N in <run folder>_seedN; "
+                             'after the configs, as in: CONFIG ... --seeds 1 2')
     args = parser.parse_args(argv)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     runs = [(c, seed) for c in args.configs for seed in (args.seeds or [None])]
