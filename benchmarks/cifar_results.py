@@ -160,10 +160,19 @@ def shipped_tag(r: RunResult) -> str:
     ``runs/cifar10/<config>``: other seeds (``<config>_seed1``) or variants of it (BGN with other
     groups) map to the same tag name but are not the shipped weights."""
     tag = tag_for(r.model, r.norm, r.images_per_device)
-    entry = next((e for e in ENTRIES if e.name == tag), None)
-    if not shipped_weights(tag) or entry is None or f'configs/cifar10/{r.run}.yaml' not in entry.recipe:
-        return '-'
-    return tag
+    return tag if shipped_weights(tag) and credits_run(tag, r.run) else '-'
+
+
+def recipe_of(tag: str) -> Optional[str]:
+    """The recipe of ``tag``'s registry entry (shipped yet or not), or None when it has none."""
+    return next((e.recipe for e in ENTRIES if e.name == tag), None)
+
+
+def credits_run(tag: str, run: str) -> Optional[bool]:
+    """Whether the registry's recipe for ``tag`` is the run folder ``run`` (``runs/cifar10/<config>``
+    of the config it names); None when ``tag`` has no registry entry."""
+    recipe = recipe_of(tag)
+    return None if recipe is None else f'configs/cifar10/{run}.yaml' in recipe
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the checkout's zoo, when it is not installed
-from cifar_results import read_run, tag_for  # noqa: E402 (a sibling script: on the path when run as one)
+from cifar_results import credits_run, read_run, recipe_of, tag_for  # noqa: E402 (a sibling script: on the path when run as one)
 from zoo.hub import publish as hub_upload, read_lightning_checkpoint  # noqa: E402
-from zoo.hub.registry import ENTRIES, HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402
+from zoo.hub.registry import HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402
 from zoo.models.cifar_resnet import CIFAR10_CLASSES  # noqa: E402
 
 
@@ -37,11 +37,10 @@ def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[s
         raise ValueError(f'{ckpt} is from step {saved_step}, the test ran at step {result.test_step}: resume the run '
                          f'(zoo-train fit ... --ckpt_path last) so that last.ckpt holds the final weights.')
     name = tag or tag_for(result.model, result.norm, result.images_per_device)
-    entry = next((e for e in ENTRIES if e.name == name), None)
-    if tag is None and entry is not None and f'configs/cifar10/{run_dir.name}.yaml' not in entry.recipe:
+    if tag is None and credits_run(name, result.run) is False:
         # Another seed (<config>_seed1) or a variant (BGN with other groups) maps to the same tag name
         # but is not the run the registry credits: publishing it would silently replace those weights.
-        raise ValueError(f'{run_dir} is not the run the registry credits for {name} ({entry.recipe}); '
+        raise ValueError(f'{run_dir} is not the run the registry credits for {name} ({recipe_of(name)}); '
                          f'publish it under another tag (--tag) and add a registry entry for it')
     out = out_root / name
     with tempfile.TemporaryDirectory() as tmp:

@@ -113,18 +113,24 @@ def test_tag_names_follow_the_registered_weights():
         assert tag in timm.list_pretrained(tag)
 
 
-def test_publishing_refuses_a_checkpoint_older_than_the_test(tmp_path):
-    """The published weights must be the tested ones: a stale last.ckpt is an error, not a silent mismatch."""
-    from publish_cifar_weights import publish
-    run = tmp_path / 'resnet20_wsbcn'
+def _tested_run(root, name: str, saved_step: int, config_head: str = ''):
+    """A resnet20_wsbcn run folder whose test ran at step 10 and whose last.ckpt is from ``saved_step``."""
+    run = root / name
     version = run / 'logs' / 'version_0'
     version.mkdir(parents=True)
     (version / 'config.yaml').write_text(
-        'trainer: {max_epochs: 1}\nmodel: {init_args: {model_name: resnet20_wsbcn}}\n'
+        config_head + 'trainer: {max_epochs: 1}\nmodel: {init_args: {model_name: resnet20_wsbcn}}\n'
         'data: {init_args: {batch_size: 2, virtual_devices: 64}}\n')
     (version / 'metrics.csv').write_text('epoch,step,test/top1\n0,10,0.5\n')
     (run / 'checkpoints').mkdir()
-    torch.save({'global_step': 8, 'state_dict': {}}, run / 'checkpoints' / 'last.ckpt')
+    torch.save({'global_step': saved_step, 'state_dict': {}}, run / 'checkpoints' / 'last.ckpt')
+    return run
+
+
+def test_publishing_refuses_a_checkpoint_older_than_the_test(tmp_path):
+    """The published weights must be the tested ones: a stale last.ckpt is an error, not a silent mismatch."""
+    from publish_cifar_weights import publish
+    run = _tested_run(tmp_path, 'resnet20_wsbcn', saved_step=8)
     with pytest.raises(ValueError, match='step 8, the test ran at step 10'):
         publish(run, tmp_path / 'out')
 
@@ -132,15 +138,7 @@ def test_publishing_refuses_a_checkpoint_older_than_the_test(tmp_path):
 def test_publishing_refuses_a_run_the_registry_does_not_credit(tmp_path):
     """A seed-1 run maps to the shipped tag's name: publishing it must not replace the shipped weights."""
     from publish_cifar_weights import publish
-    run = tmp_path / 'resnet20_wsbcn_seed1'
-    version = run / 'logs' / 'version_0'
-    version.mkdir(parents=True)
-    (version / 'config.yaml').write_text(
-        'seed_everything: 1\ntrainer: {max_epochs: 1}\nmodel: {init_args: {model_name: resnet20_wsbcn}}\n'
-        'data: {init_args: {batch_size: 2, virtual_devices: 64}}\n')
-    (version / 'metrics.csv').write_text('epoch,step,test/top1\n0,10,0.5\n')
-    (run / 'checkpoints').mkdir()
-    torch.save({'global_step': 10, 'state_dict': {}}, run / 'checkpoints' / 'last.ckpt')
+    run = _tested_run(tmp_path, 'resnet20_wsbcn_seed1', saved_step=10, config_head='seed_everything: 1\n')
     with pytest.raises(ValueError, match='not the run the registry credits for resnet20_wsbcn.cifar10'):
         publish(run, tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
