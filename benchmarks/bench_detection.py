@@ -27,17 +27,15 @@ Usage (from the repository root)::
 """
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench_norms import live_tensor_bytes, profiled_peak_bytes
+from bench_norms import live_tensor_bytes, median_seconds, profiled_peak_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = 'tv_frozen_bn'
@@ -119,14 +117,7 @@ class Step:
         self.opt.step()
 
     def timed(self, iters):
-        times = []
-        for _ in range(iters):
-            self.sync()
-            t = time.perf_counter()
-            self()
-            self.sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return median_seconds(self, iters, self.sync)
 
 
 def measure_memory(name, images, args) -> int:
@@ -140,11 +131,8 @@ def measure_memory(name, images, args) -> int:
         step.sync()
         return torch.cuda.max_memory_allocated(step.device)
     from torch.profiler import ProfilerActivity, profile
-
-    class _Live:  # what bench_norms.live_tensor_bytes reads
-        model, opt = step.model, step.opt
-        x, y = step.x[0], step.targets[0]['masks']
-    live = live_tensor_bytes(_Live) + sum(t.untyped_storage().nbytes() for t in step.x[1:])
+    batch = [*step.x, *(v for t in step.targets for v in t.values())]
+    live = live_tensor_bytes(step.model, step.opt, batch)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     return live + profiled_peak_bytes(prof)
@@ -190,11 +178,9 @@ def table(args, times, memory) -> str:
             key = f'{name}@{images}'
             t = times[key]
             ratios = [a / b for a, b in zip(t, base_t)]
-            mem = memory.get(key)
-            mem_ratio = f'{mem / memory[f"{BASELINE}@{images}"]:.2f}' if mem else '-'
+            mem, base_mem = memory[key], memory[f'{BASELINE}@{images}']  # every model is measured
             lines.append(f'| {name} | {images} | {statistics.median(t):.2f} | {statistics.median(ratios):.2f} '
-                         f'[{min(ratios):.2f}-{max(ratios):.2f}] | {mem / 2 ** 20:.0f} | {mem_ratio} |'
-                         if mem else f'| {name} | {images} | {statistics.median(t):.2f} | {statistics.median(ratios):.2f} | - | - |')
+                         f'[{min(ratios):.2f}-{max(ratios):.2f}] | {mem / 2 ** 20:.0f} | {mem / base_mem:.2f} |')
     return '\n'.join(lines) + '\n'
 
 

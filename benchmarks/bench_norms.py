@@ -121,14 +121,7 @@ class Bench:
     def timed(self, fn, iters):
         """Median seconds per call over ``iters`` calls, after one untimed call."""
         fn()
-        times = []
-        for _ in range(iters):
-            self.sync()
-            t = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return median_seconds(fn, iters, self.sync)
 
     def time_train(self, iters):
         if self.inference_only:
@@ -141,11 +134,23 @@ class Bench:
         return self.timed(self.infer, iters)
 
 
-def live_tensor_bytes(bench):
+def median_seconds(fn, iters, sync):
+    """Median wall seconds of ``iters`` calls of ``fn``, ``sync()`` (wait for the device) around each."""
+    times = []
+    for _ in range(iters):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def live_tensor_bytes(model, opt, batch):
     """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state and the batch."""
-    tensors = [*bench.model.parameters(), *bench.model.buffers(), bench.x, bench.y]
-    tensors += [p.grad for p in bench.model.parameters() if p.grad is not None]
-    tensors += [v for s in bench.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors = [*model.parameters(), *model.buffers(), *batch]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
@@ -192,7 +197,7 @@ def measure_memory(name, args):
         out['peak_bytes'] = torch.cuda.max_memory_allocated(bench.device)
     else:
         from torch.profiler import ProfilerActivity, profile
-        live = live_tensor_bytes(bench)
+        live = live_tensor_bytes(bench.model, bench.opt, (bench.x, bench.y))
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             bench.train_step()
         out['peak_bytes'] = live + profiled_peak_bytes(prof)
