@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / 'configs' / 'coco' / 'coco_mini_maskrcnn_r50_wsbcn_cpu.yaml'
@@ -39,23 +39,25 @@ DETECTORS = {
 METRICS = ('val/bbox_map', 'val/bbox_map_50', 'val/segm_map', 'val/segm_map_50')
 
 
-def last_metrics(log_root: Path) -> Optional[Dict[str, float]]:
-    """The last logged row holding ``val/bbox_map`` in any ``version_*/metrics.csv`` under ``log_root``."""
-    found = None
+def metric_rows(log_root: Path) -> Iterator[Dict[str, str]]:
+    """The rows of every ``logs/version_*/metrics.csv`` under ``log_root``, versions in order."""
     for path in sorted(log_root.glob('logs/version_*/metrics.csv'), key=lambda p: int(p.parent.name.split('_')[1])):
         with open(path, newline='') as f:
-            for row in csv.DictReader(f):
-                if row.get('val/bbox_map'):
-                    found = {k: float(row[k]) for k in METRICS if row.get(k)}
+            yield from csv.DictReader(f)
+
+
+def last_metrics(log_root: Path) -> Optional[Dict[str, float]]:
+    """The last logged row holding ``val/bbox_map`` under ``log_root``."""
+    found = None
+    for row in metric_rows(log_root):
+        if row.get('val/bbox_map'):
+            found = {k: float(row[k]) for k in METRICS if row.get(k)}
     return found
 
 
 def train_losses(log_root: Path) -> Optional[tuple]:
     """(first, last) logged ``train/loss`` of the fit (every ``log_every_n_steps``), or None."""
-    losses = []
-    for path in sorted(log_root.glob('logs/version_*/metrics.csv'), key=lambda p: int(p.parent.name.split('_')[1])):
-        with open(path, newline='') as f:
-            losses += [(int(r['step']), float(r['train/loss'])) for r in csv.DictReader(f) if r.get('train/loss')]
+    losses = [(int(r['step']), float(r['train/loss'])) for r in metric_rows(log_root) if r.get('train/loss')]
     return (losses[0], losses[-1]) if losses else None
 
 
