@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 import timm  # noqa: E402
 import zoo  # noqa: E402,F401  (registers the zoo models in timm)
@@ -62,7 +61,7 @@ def parse_args(argv=None):
                    help=f'the baseline {BASELINE} is always first; NAME{EXPORT_SUFFIX}: the exported model, inference only')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--batch-size', type=int)
-    p.add_argument('--img-size', type=int)
+    p.add_argument('--img-size', type=int, nargs='+', help='SIZE, or HEIGHT WIDTH (detection-size inputs: 800 1333)')
     p.add_argument('--reps', type=int, help='round-robin repetitions')
     p.add_argument('--train-iters', type=int, help='timed training steps per model and repetition')
     p.add_argument('--infer-iters', type=int, help='timed inference batches per model and repetition')
@@ -71,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true', help='torch.compile every model (default inductor backend)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
     p.add_argument('--memory-only', action='store_true', help='only the peak-memory processes (no timing)')
+    p.add_argument('--infer-only', action='store_true', help='time inference only (no training steps, no memory)')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch default)')
     p.add_argument('--out', type=Path, help='JSON path (default benchmarks/results/bench_norms_<device>.json)')
     p.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: measure one model's memory
@@ -78,6 +78,12 @@ def parse_args(argv=None):
     for k, v in DEVICE_DEFAULTS['cuda' if args.device.startswith('cuda') else 'cpu'].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    size = args.img_size if isinstance(args.img_size, list) else [args.img_size]
+    if len(size) > 2:
+        p.error('--img-size takes SIZE or HEIGHT WIDTH')
+    args.img_size = (size[0], size[-1])
+    if args.infer_only:
+        args.no_memory = True
     if args.models[0] != BASELINE:
         args.models.insert(0, BASELINE)
     return args
@@ -95,7 +101,7 @@ class Bench:
             model = zoo.export_for_inference(model)
         self.model = model.to(self.device, memory_format=fmt)
         self.opt = None if self.inference_only else torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
-        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=self.device)
+        self.x = torch.randn(args.batch_size, 3, *args.img_size, device=self.device)
         self.x = self.x.contiguous(memory_format=fmt)
         self.y = torch.randint(0, 1000, (args.batch_size,), device=self.device)
         amp = AMP_DTYPES[args.amp]
@@ -124,7 +130,7 @@ class Bench:
         return median_seconds(fn, iters, self.sync)
 
     def time_train(self, iters):
-        if self.inference_only:
+        if self.inference_only or iters == 0:
             return None
         self.model.train()
         return self.timed(self.train_step, iters)
@@ -209,7 +215,7 @@ def measure_memory(name, args):
 def run_memory_workers(args):
     """Each model's memory in its own process, so no allocator state carries over between models."""
     results = {}
-    flags = ['--device', args.device, '--batch-size', str(args.batch_size), '--img-size', str(args.img_size),
+    flags = ['--device', args.device, '--batch-size', str(args.batch_size), '--img-size', *map(str, args.img_size),
              '--amp', args.amp] + (['--channels-last'] if args.channels_last else [])
     flags += ['--threads', str(args.threads)] if args.threads else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed tensors leave RSS at once
@@ -263,7 +269,9 @@ def summarize(args, times, memory):
 
 
 def markdown_table(args, rows):
-    head = (f'{args.device}, batch {args.batch_size}, {args.img_size} px, amp {args.amp}'
+    height, width = args.img_size
+    size = f'{height} px' if height == width else f'{height}x{width} px'
+    head = (f'{args.device}, batch {args.batch_size}, {size}, amp {args.amp}, {torch.get_num_threads()} threads'
             f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""}; '
             f'ratios vs timm {BASELINE} (BN)'
             + ('' if args.memory_only else f', median of {args.reps} interleaved repetitions [min-max]'))
@@ -286,11 +294,21 @@ def markdown_table(args, rows):
     return '\n'.join(lines)
 
 
+def _git_commit(folder: Path) -> str:
+    """The commit of the zoo code measured, with '+changes' when its checkout has uncommitted changes."""
+    try:
+        run = lambda *cmd: subprocess.run(['git', '-C', str(folder), *cmd], capture_output=True, text=True, check=True).stdout
+        return run('rev-parse', '--short', 'HEAD').strip() + ('+changes' if run('status', '--porcelain', '.').strip() else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
 def environment(args):
     return {
         'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
         'device_name': torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or platform.machine(),
         'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+        'zoo': str(Path(zoo.__file__).parent), 'zoo_commit': _git_commit(Path(zoo.__file__).parent),
         'load_average': os.getloadavg(),
     }
 
@@ -306,6 +324,8 @@ def main(argv=None):
     env_before = environment(args)
     start = time.time()
     memory = None if args.no_memory else run_memory_workers(args)
+    if args.infer_only:
+        args.train_iters = 0
     times = {n: None for n in args.models} if args.memory_only else run_timing(args)
     rows = summarize(args, times, memory)
     table = markdown_table(args, rows)

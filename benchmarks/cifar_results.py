@@ -20,14 +20,12 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.hub.registry import ENTRIES, cifar10_tag, shipped_weights  # noqa: E402
 
 NORM_LABELS = {

@@ -23,7 +23,6 @@ seeds of a config and reports their mean and spread.
 import argparse
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_results import read_run  # noqa: E402
 
 DEFAULT_CONFIGS = [f'configs/cifar10/{name}.yaml' for name in (

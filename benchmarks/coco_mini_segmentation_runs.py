@@ -76,7 +76,6 @@ def predictions_figure(runs: Dict[str, Path], data_cfg: dict, out_png: Path, num
     import torch.nn.functional as F
     from torchvision.utils import make_grid, save_image
 
-    sys.path.insert(0, str(REPO))
     from lightning_modules.segmentation import SegmentationDataModule, SemanticSegmenter, overlay
     from torchvision.transforms.v2 import functional as TF
     from lightning_modules.datasets import load_rgb

@@ -12,7 +12,6 @@ Usage (from the repository root)::
     python benchmarks/profile_norms.py --models resnet50 resnet50_wsgn --threads 1
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 import timm  # noqa: E402
 import zoo  # noqa: E402,F401

@@ -14,14 +14,12 @@ plain ``resnet20.cifar10`` is the large-batch BN baseline. A new tag also needs 
 """
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # the checkout's zoo, when it is not installed
 from cifar_results import credits_run, read_run, recipe_of, tag_for  # noqa: E402 (a sibling script: on the path when run as one)
 from zoo.hub import publish as hub_upload, read_lightning_checkpoint  # noqa: E402
 from zoo.hub.registry import HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402

@@ -1,5 +1,4 @@
 import csv
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
-sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(autouse=True)

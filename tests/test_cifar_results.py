@@ -1,6 +1,4 @@
 """benchmarks/cifar_results.py on run folders laid out as zoo-train writes them (written by the make_run fixture in conftest.py)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -8,10 +6,7 @@ import zoo.hub.registry
 
 pytest.importorskip('matplotlib')
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'cifar_results.py'
-spec = importlib.util.spec_from_file_location('cifar_results', SCRIPT)
-cifar_results = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cifar_results)
+import cifar_results  # benchmarks/cifar_results.py (pytest's pythonpath)
 
 
 def test_table_and_plot_from_run_folders(tmp_path, monkeypatch, make_run):

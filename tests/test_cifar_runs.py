@@ -1,14 +1,11 @@
 """benchmarks/cifar_runs.py: which runs the queue skips, resumes or starts, with what command."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location('cifar_runs', ROOT / 'benchmarks' / 'cifar_runs.py')
-cifar_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cifar_runs)
+import cifar_runs  # benchmarks/cifar_runs.py (pytest's pythonpath)  # noqa: E402
 
 
 def test_every_queued_config_exists_and_has_its_own_run_folder():

@@ -87,20 +87,22 @@ def test_ws_cache_never_cuts_autograd():
     torch.testing.assert_close(out, _reference(conv, x))
 
 
-def test_ws_cache_dropped_by_train_and_not_saved():
-    model = timm.create_model('resnet20_wsbcn').eval()
+@pytest.mark.parametrize('name, cache', [('resnet20_wsgn', '_ws_cache'), ('resnet20_wsbcn', '_fold_cache')])
+def test_ws_cache_dropped_by_train_and_not_saved(name, cache):
+    """WS+GN convs cache the standardized weight; WS+BCN convs the weight with BCN's batch stage folded in."""
+    model = timm.create_model(name).eval()
     keys = list(model.state_dict())
     with torch.no_grad():
         model(torch.randn(1, 3, 8, 8))
     convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
-    assert all(c._ws_cache is not None for c in convs)
+    assert all(getattr(c, cache) is not None for c in convs)
     assert list(model.state_dict()) == keys
-    assert copy.deepcopy(model).conv1._ws_cache is None
-    assert pickle.loads(pickle.dumps(model)).conv1._ws_cache is None
+    assert getattr(copy.deepcopy(model).conv1, cache) is None
+    assert getattr(pickle.loads(pickle.dumps(model)).conv1, cache) is None
     model.eval()  # already eval: kept
-    assert model.conv1._ws_cache is not None
+    assert getattr(model.conv1, cache) is not None
     model.train()
-    assert all(c._ws_cache is None for c in convs)
+    assert all(getattr(c, cache) is None for c in convs)
 
 
 def test_ws_channels_last_weight_standardized_without_copy_and_equal():

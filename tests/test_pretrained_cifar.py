@@ -6,7 +6,6 @@ shared archive and preprocessed with timm's transform from the model's own data 
 import io
 import json
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
@@ -27,7 +26,6 @@ ARCHIVE = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 SHIPPED = sorted(p.parent.name for p in SHIPPED_WEIGHTS_DIR.glob('*/model.safetensors'))
 # Scoring all 10,000 test images takes 10-30 s per weight: the headline weights in the default run, the rest slow.
 HEADLINE = 'resnet20_wsbcn.cifar10'
-sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 
 
 def card_accuracy(name: str, metric: str = 'top-1 accuracy') -> float:

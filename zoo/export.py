@@ -12,14 +12,13 @@ an exported model is not WS training (the WS authors' users report it breaks; se
 Keep the original model (or its checkpoint) for training; the export's parameters are frozen.
 """
 import copy
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, standardize_weight
+from .layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, conv_norm_pairs, standardize_weight
 
 __all__ = ['export_for_inference', 'plain_conv']
 
@@ -97,25 +96,6 @@ def _after_fold(norm: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
-def _conv_norm_pairs(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str]]:
-    """``(parent, conv_name, norm_name)`` where the norm is the only consumer of the conv's output.
-
-    Known structures only: adjacent modules of an ``nn.Sequential`` (downsample, deep stems),
-    ``convK -> bnK`` in timm's BasicBlock / Bottleneck, and the stem ``conv1 -> bn1`` of timm's
-    ResNet (the zoo's ImageNet, CIFAR and TSM ResNets are all subclasses).
-    """
-    for parent in model.modules():
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            for a, b in zip(names, names[1:]):
-                yield parent, a, b
-        if isinstance(parent, (BasicBlock, Bottleneck)):
-            for i in (1, 2, 3):
-                yield parent, f'conv{i}', f'bn{i}'
-        if isinstance(parent, ResNet):
-            yield parent, 'conv1', 'bn1'
-
-
 @torch.no_grad()
 def export_for_inference(model: nn.Module, fold_norms: bool = True, inplace: bool = False) -> nn.Module:
     """A frozen eval-mode copy of ``model`` with plain convs that gives the same outputs in eval.
@@ -130,7 +110,7 @@ def export_for_inference(model: nn.Module, fold_norms: bool = True, inplace: boo
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     if fold_norms:
-        for parent, conv_name, norm_name in list(_conv_norm_pairs(model)):
+        for parent, conv_name, norm_name in list(conv_norm_pairs(model)):
             conv, norm = getattr(parent, conv_name, None), getattr(parent, norm_name, None)
             if not isinstance(conv, nn.Conv2d) or norm is None or getattr(norm, 'num_features', getattr(
                     norm, 'num_channels', None)) != conv.out_channels:

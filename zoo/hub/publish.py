@@ -221,20 +221,33 @@ def eval_results(repo_id: str, info: RunInfo) -> Optional[List[EvalResult]]:
                        metric_value=round(100 * info.metrics[k], 2)) for k, name in found]
 
 
-def _recipe_line(repo_id: str) -> str:
-    """The recipe of the weights' registry entry (zoo/hub/registry.py), so card and list_pretrained agree."""
+def _registry_entry(repo_id: str):
+    """The weights' registry entry (zoo/hub/registry.py), or None for weights the registry does not list."""
     from zoo.hub.registry import ENTRIES
-    entry = next((e for e in ENTRIES if e.name == repo_id.split('/')[-1]), None)
-    return f'\n- **Recipe:** {entry.recipe}' if entry else ''
+    return next((e for e in ENTRIES if e.name == repo_id.split('/')[-1]), None)
+
+
+def _seed_of(info: RunInfo) -> Optional[int]:
+    seed = (info.train_config or {}).get('seed_everything')
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> ModelCard:
+    """The card: what the weights are (description, license, recipe, notes) from their registry entry,
+    so card and ``zoo.list_pretrained`` cannot disagree; what the run measured from the run."""
     cfg = model.pretrained_cfg
     arch = split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
     papers = _papers_for(arch)
     results = eval_results(repo_id, info)
+    entry = _registry_entry(repo_id)
+    license_ = entry.license if entry else info.license
+    description = entry.description if entry else _describe(arch)
+    seed = _seed_of(info)
+    extra = (f'\n- **Recipe:** {entry.recipe}' if entry else '') + (
+        f'\n- **Seed:** {seed} (`seed_everything` of the run)' if seed is not None else '')
+    notes = ''.join(f'\n- {n}' for n in entry.notes) if entry and entry.notes else ''
     data = ModelCardData(
-        library_name='timm', license=info.license, pipeline_tag='image-classification',
+        library_name='timm', license=license_, pipeline_tag='image-classification',
         tags=['image-classification', 'timm', 'wsbcn-zoo', 'micro-batch-training'],
         datasets=[info.dataset] if info.dataset else None,
         model_name=repo_id.split('/')[-1] if results else None, eval_results=results)
@@ -249,7 +262,7 @@ def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> Mod
 ---
 # Model card for {repo_id.split('/')[-1]}
 
-{_describe(arch)}: a `{arch}` from wsbcn-zoo, the micro-batch training zoo (Weight
+{description}: a `{arch}` from wsbcn-zoo, the micro-batch training zoo (Weight
 Standardization, Batch-Channel Normalization, Batch Group Normalization) for timm.
 
 ## Model details
@@ -259,11 +272,11 @@ Standardization, Batch-Channel Normalization, Batch Group Normalization) for tim
 - **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation
 - **Dataset:** {info.dataset or '(not recorded)'}
 - **Images per device:** {info.images_per_device if info.images_per_device is not None else '(not recorded)'}
-- **Weights from:** {info.source}{_recipe_line(repo_id)}
-- **License:** {info.license}
+- **Weights from:** {info.source}{extra}
+- **License:** {license_}
 - **Papers:** {'; '.join(f'{PAPERS[k][0]} ({PAPERS[k][1]})' for k in papers)}
 
-## Metrics of the run
+{'## Notes' + notes + chr(10) + chr(10) if notes else ''}## Metrics of the run
 | metric | value |
 |---|---|
 {metrics}

@@ -19,6 +19,10 @@ the per-(sample, channel) mean and variance of ``x`` (law of total variance for 
 read of ``x`` gives those moments (and the estimates' update), one pass writes ``y``; backward
 (:class:`_FusedBCN`) needs two reductions and one pass, and saves only ``x``. The plain two-stage
 path is kept for a ``'batch'`` stage in training and when the batch stage has hooks.
+
+Eval folding: in a zoo model in eval with autograd off, the WS conv before this layer applies the
+batch-stage affine itself (:mod:`zoo.layers.eval_folding`) and this layer runs only its channel
+stage, one ``group_norm``: as fast as GN, with the outputs of the unfolded layer.
 """
 import math
 
@@ -29,6 +33,7 @@ from timm.layers import register_notrace_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
+from .eval_folding import take_folded
 
 __all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'set_bcn_batch_stage']
 
@@ -92,7 +97,18 @@ class BatchChannelNorm2d(nn.Module):
             return True
         return isinstance(bn, _BatchNorm) and not bn.training and bn.running_mean is not None
 
-    def _batch_stage_affine(self):
+    def fixed_in_eval(self) -> bool:
+        """Whether the batch stage is a fixed per-channel affine in eval (so it can be folded)."""
+        return not self.bn.training and self._fixed_stage()
+
+    def batch_stage_tensors(self):
+        """The tensors :meth:`batch_stage_affine` is computed from (a cache key for folds)."""
+        bn = self._modules['bn']
+        params, buffers = bn._parameters, bn._buffers
+        return params['weight'], params['bias'], buffers['running_mean'], buffers['running_var']
+
+    def batch_stage_affine(self):
+        """``(scale, shift)`` per channel: the batch stage as ``x * scale + shift`` when it is fixed."""
         bn = self.bn
         if isinstance(bn, EstimatedBatchNorm2d):
             return bn.affine_coefficients()
@@ -103,6 +119,8 @@ class BatchChannelNorm2d(nn.Module):
         return scale, (shift + bn.bias if bn.bias is not None else shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if take_folded(self, x):  # the conv before applied the batch stage (eval folding)
+            return self._channel_stage(x)
         if x.ndim == 4 and x.shape[0] == 0:
             return self._empty_forward(x)
         if x.ndim != 4 or not self._fixed_stage():
@@ -111,7 +129,7 @@ class BatchChannelNorm2d(nn.Module):
         mean, var = sample_channel_moments(x)
         if self.bn.training:  # estimated stage: the same moments update the estimates (no second pass)
             self.bn.update_from_moments(mean, var, x.shape[2] * x.shape[3])
-        a, b = self._batch_stage_affine()
+        a, b = self.batch_stage_affine()
         # Output dtype as the two-stage path gives it: CUDA autocast runs group_norm in float32.
         out_dtype = torch.float32 if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda') else x.dtype
         args = (x, mean, var, a.to(stat_dtype), b.to(stat_dtype), self.weight.to(stat_dtype), self.bias.to(stat_dtype),
@@ -130,12 +148,26 @@ class BatchChannelNorm2d(nn.Module):
         return x + sum(p.sum() for p in self.parameters()) * 0.
 
     def _two_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(x)
-        # The group-wise affine, spread to channels, lets one fused group_norm do the channel stage.
-        per_group = self.num_channels // self.num_groups
-        weight = self.weight.repeat_interleave(per_group)
-        bias = self.bias.repeat_interleave(per_group)
+        return self._channel_stage(self.bn(x))
+
+    def _channel_stage(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._channel_affine()
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+    def _channel_affine(self):
+        """The group-wise affine spread to channels, so that one fused ``group_norm`` does the
+        channel stage; kept between eval calls without autograd (they run per layer and call)."""
+        per_group = self.num_channels // self.num_groups
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.weight.repeat_interleave(per_group), self.bias.repeat_interleave(per_group)
+        weight, bias = self._parameters['weight'], self._parameters['bias']
+        key = (id(weight), weight.data_ptr(), weight._version, id(bias), bias.data_ptr(), bias._version,
+               torch.is_inference_mode_enabled())
+        cache = self.__dict__.get('_channel_affine_cache')
+        if cache is None or cache[0] != key:
+            cache = (key, weight.repeat_interleave(per_group), bias.repeat_interleave(per_group))
+            self.__dict__['_channel_affine_cache'] = cache
+        return cache[1], cache[2]
 
 
 def _is_exporting() -> bool:

@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .eval_folding import fold_target, mark_folded
+
 __all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight', 'WSConv2d']
 
 
@@ -98,12 +100,17 @@ class WSConv2d(nn.Conv2d):
     ``torch.compile`` or for non-``Parameter`` weights (``torch.func``). Only in-place writes through
     ``weight.data`` bypass the version counter: call ``train()`` then ``eval()`` after those. The cache is a
     plain attribute, so state dicts are unchanged; it costs one extra copy of the conv weights.
+
+    Eval folding (:mod:`zoo.layers.eval_folding`): when the model folds the BCN that follows this
+    conv, the cached weight and bias also carry that BCN's batch-stage affine, recomputed when
+    either layer's parameters or statistics change.
     """
 
     def __init__(self, *args, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA, **kwargs):
         super().__init__(*args, **kwargs)
         self.ws_formula = resolve_ws_formula(ws_formula)
         self._ws_cache = None
+        self._fold_cache = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> 'WSConv2d':
@@ -135,20 +142,47 @@ class WSConv2d(nn.Conv2d):
             self._ws_cache = cache
         return cache[1]
 
+    def folded_weight_and_bias(self, norm: nn.Module):
+        """Weight and bias of this conv followed by ``norm``'s batch stage (``a * conv(x) + b``), cached.
+
+        The cache key is cheap on purpose (it is checked at every call): each tensor's identity,
+        storage and version counter, which every in-place update, ``load_state_dict``, ``.to()``
+        and replacement changes.
+        """
+        params = self._parameters  # not self.weight: Module.__getattr__ is slow, and this runs per call
+        w, bias = params['weight'], params['bias']
+        key = (norm.bn, self.ws_formula, torch.is_inference_mode_enabled()) + tuple(
+            (id(t), t.data_ptr(), t._version) for t in (w, bias, *norm.batch_stage_tensors()) if t is not None)
+        cache = getattr(self, '_fold_cache', None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                fold_dtype = torch.promote_types(w.dtype, torch.float32)
+                a, b = (t.to(fold_dtype) for t in norm.batch_stage_affine())
+                weight = standardize_weight(w, self.ws_formula).to(fold_dtype) * a.view(-1, 1, 1, 1)
+                shift = b if bias is None else bias.to(fold_dtype) * a + b
+                cache = (key, weight.to(w.dtype), shift.to(w.dtype))
+            self._fold_cache = cache
+        return cache[1], cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = fold_target(self)
+        if norm is not None and x.ndim == 4 and x.shape[0] > 0 and not self.training and not torch.is_grad_enabled():
+            out = self._conv_forward(x, *self.folded_weight_and_bias(norm))
+            mark_folded(norm, out)
+            return out
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
     def train(self, mode: bool = True) -> 'WSConv2d':
-        if mode:
-            self._ws_cache = None  # training standardizes every step: free the copy
+        if mode:  # training standardizes every step: free the copies
+            self._ws_cache = self._fold_cache = None
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._ws_cache = None  # .to() / .half() / .cuda(): recompute in the new dtype or device
+        self._ws_cache = self._fold_cache = None  # .to() / .half() / .cuda(): recompute in the new dtype or device
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        return {**self.__dict__, '_ws_cache': None}  # pickling or deepcopy never carries the cache
+    def __getstate__(self):  # pickling or deepcopy never carries the caches
+        return {**self.__dict__, '_ws_cache': None, '_fold_cache': None}
 
 
 def convert_to_ws(module: nn.Module, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> nn.Module:

@@ -22,7 +22,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
 
 from zoo.hub.registry import HUB_ORG, pretrained_cfgs  # noqa: F401 (HUB_ORG: still importable from here)
-from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
+from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, folds_in_eval
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from .resnet import check_image_batch
 from ._weights import build_zoo_model
@@ -37,7 +37,7 @@ CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 
-class CifarResNet(ResNet):
+class CifarResNet(FoldsConvNormsInEval, ResNet):
     """He et al. CIFAR ResNet. Shares timm ResNet's head, classifier and init methods."""
 
     def __init__(
@@ -89,6 +89,7 @@ class CifarResNet(ResNet):
     def _stages(self) -> List[nn.Module]:
         return [getattr(self, n) for n in self.stage_names]
 
+    @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = check_image_batch(type(self).__name__, x, self.in_chans)
         x = self.act1(self.bn1(self.conv1(x)))
@@ -98,6 +99,7 @@ class CifarResNet(ResNet):
             x = stage(x)
         return x
 
+    @folds_in_eval
     def forward_intermediates(
             self,
             x: torch.Tensor,

@@ -31,7 +31,7 @@ from timm.models._registry import is_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from zoo.hub.registry import entries, pretrained_cfgs
-from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws
+from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, folds_in_eval
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from ._weights import build_zoo_model
 
@@ -74,7 +74,7 @@ def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
 torch.fx.wrap('check_image_batch')
 
 
-class ZooResNet(ResNet):
+class ZooResNet(FoldsConvNormsInEval, ResNet):
     """timm ``ResNet`` with a zoo normalization variant (WS convs and / or BCN, GN, BGN norms)."""
 
     def __init__(
@@ -91,10 +91,12 @@ class ZooResNet(ResNet):
         if norm_variant.ws:
             convert_to_ws(self, ws_formula)
 
+    @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = check_image_batch(type(self).__name__, x, self.in_chans)
         return super().forward_features(x)
 
+    @folds_in_eval
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         x = check_image_batch(type(self).__name__, x, self.in_chans)
         return super().forward_intermediates(x, *args, **kwargs)

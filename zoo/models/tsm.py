@@ -35,6 +35,7 @@ from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs
 from timm.models.resnet import ResNet
 
+from zoo.layers import folds_in_eval
 from zoo.layers.temporal_shift import add_temporal_shift
 from ._variants import BN_VARIANT, NORM_VARIANTS, register_zoo_entrypoint
 from ._weights import build_zoo_model
@@ -91,10 +92,12 @@ class TSMResNet(ZooResNet):
         x = check_video_batch(type(self).__name__, x, self.in_chans, self.num_segments)
         return x.transpose(1, 2).flatten(0, 1)  # no shape unpacking: FX traces it
 
+    @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame features, frames folded into the batch: (B * T, C', H', W')."""
         return ResNet.forward_features(self, self.fold_frames(x))
 
+    @folds_in_eval
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         """timm's intermediates of every frame, frames folded into the batch (B * T, ...)."""
         return ResNet.forward_intermediates(self, self.fold_frames(x), *args, **kwargs)
