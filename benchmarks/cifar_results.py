@@ -19,6 +19,7 @@ only one of them logs (options added to the zoo after the older run) are not com
 import argparse
 import csv
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,41 @@ def _last_test_top1(metrics_csv: Path) -> Optional[Tuple[float, int]]:
     return found
 
 
+def _run_result(run: str, cfg: Dict[str, Any], test_top1: float, log_dir: Path, test_step: int) -> RunResult:
+    model = cfg['model']['init_args']['model_name']
+    data = cfg['data']['init_args']
+    devices = data.get('virtual_devices') or cfg['trainer'].get('devices') or 1
+    groups = (cfg['model']['init_args'].get('model_kwargs') or {}).get('norm_groups')
+    return RunResult(
+        run=run, model=model, norm=norm_of(model), images_per_device=int(data['batch_size']),
+        devices=int(devices) if str(devices).isdigit() else 1, epochs=cfg['trainer'].get('max_epochs'),
+        test_top1=100 * test_top1, log_dir=log_dir, test_step=test_step, seed=_seed_of(cfg),
+        groups=None if groups is None else int(groups), settings=_setup_settings(cfg))
+
+
+CARD = 'README.md'
+
+
+def read_card_run(folder: Path) -> RunResult:
+    """The run behind a published weights folder (``zoo/pretrained/<tag>``), from its model card: the
+    run's logged config (*Training config*) and its test top-1 (*Metrics of the run*), both written by
+    ``hub_upload.py`` from the run's own logs. For runs whose log folders are gone (they lived on a
+    machine of an earlier session); ``test_step`` is unknown (-1), so such a run cannot be published."""
+    text = (folder / CARD).read_text()
+    config = re.search(r'## Training config\n```yaml\n(.*?)\n```', text, re.S)
+    top1 = re.search(r'^\| test/top1 \| ([0-9.]+) \|$', text, re.M)
+    if not config or not top1:
+        raise ValueError(f'{folder / CARD}: no training config or test/top1 of the run in the model card')
+    cfg = yaml.safe_load(config.group(1))
+    run = Path(cfg['trainer']['default_root_dir']).name
+    return _run_result(run, cfg, float(top1.group(1)), folder / CARD, -1)
+
+
 def read_run(run_dir: Path) -> RunResult:
-    """The final test top-1 of a run (its newest log version that has one) and its settings."""
+    """The final test top-1 of a run (its newest log version that has one) and its settings; a
+    published weights folder is read from its model card (:func:`read_card_run`)."""
+    if (run_dir / CARD).is_file() and not (run_dir / 'logs').is_dir():
+        return read_card_run(run_dir)
     versions = _versions(run_dir)
     if not versions:
         raise FileNotFoundError(f'{run_dir}: no logs/version_* folder (is it a zoo-train run folder?)')
@@ -131,18 +165,17 @@ def read_run(run_dir: Path) -> RunResult:
         if metrics.is_file() and config.is_file():
             test = _last_test_top1(metrics)
             if test is not None:
-                cfg = yaml.safe_load(config.read_text())
-                model = cfg['model']['init_args']['model_name']
-                data = cfg['data']['init_args']
-                devices = data.get('virtual_devices') or cfg['trainer'].get('devices') or 1
-                groups = (cfg['model']['init_args'].get('model_kwargs') or {}).get('norm_groups')
-                return RunResult(
-                    run=run_dir.name, model=model, norm=norm_of(model), images_per_device=int(data['batch_size']),
-                    devices=int(devices) if str(devices).isdigit() else 1,
-                    epochs=cfg['trainer'].get('max_epochs'), test_top1=100 * test[0], log_dir=version,
-                    test_step=test[1], seed=_seed_of(cfg),
-                    groups=None if groups is None else int(groups), settings=_setup_settings(cfg))
+                return _run_result(run_dir.name, yaml.safe_load(config.read_text()), test[0], version, test[1])
     raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
+
+
+def prefer_logs(results: Sequence[RunResult]) -> List[RunResult]:
+    """One result per run: where a run is given both as its logs and as its published card, the logs."""
+    kept: Dict[str, RunResult] = {}
+    for r in results:
+        if r.run not in kept or kept[r.run].test_step == -1:
+            kept[r.run] = r
+    return list(kept.values())
 
 
 def tag_for(model: str, norm: str, images_per_device: int) -> str:
@@ -324,13 +357,15 @@ def plot(results: Sequence[RunResult], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('runs', nargs='+', type=Path, help='zoo-train run folders')
+    parser.add_argument('runs', nargs='+', type=Path,
+                        help='zoo-train run folders, their archived logs (benchmarks/results/cifar10_runs/*) or '
+                             'published weights folders (zoo/pretrained/*.cifar10*, read from the model card)')
     parser.add_argument('--out', type=Path, default=Path('benchmarks/results/cifar10_microbatch'),
                         help='output stem: writes STEM.md and STEM.png')
     parser.add_argument('--readme', type=Path, default=None,
                         help='also put the table and plot into this README, between its cifar10-results markers')
     args = parser.parse_args(argv)
-    results = [read_run(r) for r in args.runs]
+    results = prefer_logs([read_run(r) for r in args.runs])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     args.out.with_suffix('.md').write_text(table)

@@ -19,9 +19,16 @@ as a second config, ``seed.yaml`` in the run folder; ``benchmarks/cifar_results.
 seeds of a config and reports their mean and spread.
 
     python benchmarks/cifar_runs.py --epochs 15 --jobs 1 --threads 1 configs/cifar10/resnet20_wsbcn.yaml --seeds 1
+
+Every finished run's logs (LightningCLI's ``config.yaml``, the CSVLogger's ``metrics.csv``, and
+``train.log`` with the thread count of each start) are copied to
+``benchmarks/results/cifar10_runs/<run>/``, a few kB per run, to be committed: ``runs/`` is not
+kept, so the results of runs finished in different sessions (the seeds of one configuration) can
+be put together by ``cifar_results.py``, which reads those folders like run folders.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +83,24 @@ def seed_override(config: Path, seed: int) -> Optional[Dict[str, Any]]:
     return override
 
 
+ARCHIVE_DIR = Path('benchmarks/results/cifar10_runs')
+ARCHIVED_LOGS = ('config.yaml', 'hparams.yaml', 'metrics.csv')
+
+
+def archive_run(run_dir: Path, archive_dir: Optional[Path] = None) -> Path:
+    """Copy a finished run's logs (not its checkpoints) to ``archive_dir / <run>`` (default
+    :data:`ARCHIVE_DIR`), in the run folder's own layout, so ``cifar_results.py`` reads the copy as the run."""
+    dest = (archive_dir or ARCHIVE_DIR) / run_dir.name
+    for version in sorted(run_dir.glob('logs/version_*')):
+        for name in ARCHIVED_LOGS:
+            if (version / name).is_file():
+                (dest / 'logs' / version.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(version / name, dest / 'logs' / version.name / name)
+    if (run_dir / 'train.log').is_file():
+        shutil.copy2(run_dir / 'train.log', dest / 'train.log')
+    return dest
+
+
 def is_finished(run_dir: Path) -> bool:
     try:
         read_run(run_dir)
@@ -94,7 +119,7 @@ def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None)
     run_dir = run_dir_of(config, seed)
     name = f'{config} (seed {seed})' if seed is not None else str(config)
     if is_finished(run_dir):
-        print(f'[skip] {name}: finished ({run_dir})', flush=True)
+        print(f'[skip] {name}: finished ({run_dir}; logs in {archive_run(run_dir)})', flush=True)
         return 0
     resume = (run_dir / 'checkpoints' / 'last.ckpt').is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +141,8 @@ def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None)
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     print(f'[{"done" if rc == 0 else f"failed rc={rc}"}] {name} after {(time.time() - start) / 60:.1f} min',
           flush=True)
+    if rc == 0 and is_finished(run_dir):
+        print(f'[archived] {name}: logs in {archive_run(run_dir)} (commit them)', flush=True)
     return rc
 
 

@@ -130,3 +130,21 @@ def test_shipped_weights_are_those_of_the_recipe_run_and_its_seed_is_named(tmp_p
     table = cifar_results.markdown_table([cifar_results.read_run(r) for r in runs])
     assert '| +0.19 | resnet20_wsbcn.cifar10 (seed 0) |' in table
     assert '| BGN (G=1) | 2 | 64 | 20 | 80.00 | -4.11 | - |' in table  # not the G = 8 run's shipped weights
+
+
+def test_published_weights_are_read_from_their_model_card_and_logs_win(tmp_path, make_run):
+    """Runs of earlier sessions survive only as published cards: those give the same row as the logs."""
+    folder = zoo.hub.registry.SHIPPED_WEIGHTS_DIR / 'resnet20_wsbcn.cifar10'
+    card = cifar_results.read_run(folder)
+    assert (card.run, card.model, card.images_per_device, card.devices, card.seed) == ('resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, 0)
+    card_text = (folder / 'README.md').read_text()
+    assert f'| test/top1 | {card.test_top1 / 100:.4g} |' in card_text and card.test_step == -1
+    assert cifar_results.shipped_tag(card) == 'resnet20_wsbcn.cifar10'
+    logs = make_run(tmp_path, 'resnet20_wsbcn', 'resnet20_wsbcn', 2, 64, [0.85], seed=0)
+    kept = cifar_results.prefer_logs([card, cifar_results.read_run(logs)])
+    assert [r.test_top1 for r in kept] == [85.0]
+    broken = tmp_path / 'broken.cifar10'
+    broken.mkdir()
+    (broken / 'README.md').write_text('# a card without the run')
+    with pytest.raises(ValueError, match='no training config'):
+        cifar_results.read_run(broken)

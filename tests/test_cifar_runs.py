@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-import cifar_runs  # benchmarks/cifar_runs.py (pytest's pythonpath)  # noqa: E402
+import cifar_results  # benchmarks/ scripts (pytest's pythonpath)  # noqa: E402
+import cifar_runs  # noqa: E402
 
 
 def test_every_queued_config_exists_and_has_its_own_run_folder():
@@ -28,8 +29,9 @@ def _config(tmp_path: Path, name: str) -> Path:
 
 
 @pytest.fixture
-def calls(monkeypatch):
+def calls(monkeypatch, tmp_path):
     seen = []
+    monkeypatch.setattr(cifar_runs, 'ARCHIVE_DIR', tmp_path / 'archive')  # not the repository's
 
     def fake_call(cmd, stdout, stderr, env):
         seen.append((cmd, env['OMP_NUM_THREADS']))
@@ -53,6 +55,13 @@ def test_queue_skips_finished_resumes_checkpointed_and_starts_new(tmp_path, call
     assert '--ckpt_path' not in fresh_cmd
     assert fresh_cmd[fresh_cmd.index('--trainer.max_epochs') + 1] == '3'
     assert (tmp_path / 'runs' / 'fresh' / 'train.log').is_file()
+    # The finished run's logs are archived (to be committed), and read back as the run itself.
+    archived = tmp_path / 'archive' / 'finished'
+    assert sorted(p.name for p in archived.rglob('*') if p.is_file()) == ['config.yaml', 'metrics.csv']
+    original = cifar_results.read_run(tmp_path / 'runs' / 'finished')
+    copy = cifar_results.read_run(archived)
+    assert (copy.run, copy.test_top1, copy.test_step, copy.settings) == (
+        original.run, original.test_top1, original.test_step, original.settings)
 
 
 def test_a_failed_run_fails_the_queue(tmp_path, calls):
