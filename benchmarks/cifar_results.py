@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from zoo.hub.registry import ENTRIES, cifar10_tag, shipped_weights  # noqa: E402
+from zoo.hub.registry import ENTRIES, cifar10_tag, shipped_weights
 
 NORM_LABELS = {
     'wsbcn': 'WS+BCN', 'bcn': 'BCN', 'wsgn': 'WS+GN', 'gn': 'GN', 'bgn': 'BGN', 'wsbgn': 'WS+BGN',
@@ -365,7 +365,10 @@ def main(argv=None) -> int:
     parser.add_argument('--readme', type=Path, default=None,
                         help='also put the table and plot into this README, between its cifar10-results markers')
     args = parser.parse_args(argv)
-    results = prefer_logs([read_run(r) for r in args.runs])
+    unmatched = [r for r in args.runs if any(c in str(r) for c in '*?[') and not r.exists()]
+    for r in unmatched:  # a shell glob that matched nothing (no archived runs yet, say)
+        print(f'no folder matches {r}: skipped')
+    results = prefer_logs([read_run(r) for r in args.runs if r not in unmatched])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     args.out.with_suffix('.md').write_text(table)

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from cifar_results import read_run  # noqa: E402
+from cifar_results import read_run  # a sibling script: on the path when run as one
 
 DEFAULT_CONFIGS = [f'configs/cifar10/{name}.yaml' for name in (
     'resnet20_wsbcn', 'resnet20_b128', 'resnet20', 'resnet20_gn', 'resnet20_wsgn', 'resnet20_bgn')]

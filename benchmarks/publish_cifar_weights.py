@@ -18,12 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-from cifar_results import credits_run, read_run, recipe_of, tag_for  # noqa: E402 (a sibling script: on the path when run as one)
-from zoo.hub import publish as hub_upload, read_lightning_checkpoint  # noqa: E402
-from zoo.hub.registry import HUB_ORG, SHIPPED_WEIGHTS_DIR  # noqa: E402
-from zoo.models.cifar_resnet import CIFAR10_CLASSES  # noqa: E402
+from cifar_results import credits_run, read_run, recipe_of, tag_for  # a sibling script: on the path when run as one
+from zoo.hub import publish as hub_upload, read_lightning_checkpoint
+from zoo.hub.registry import HUB_ORG, SHIPPED_WEIGHTS_DIR
+from zoo.models.cifar_resnet import CIFAR10_CLASSES
 
 
 def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[str] = None) -> Path:
