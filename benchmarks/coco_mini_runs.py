@@ -94,17 +94,17 @@ def fmt(value: Optional[float]) -> str:
     return '-' if value is None else f'{100 * value:.2f}'
 
 
-def table(rows: List[dict], config: Path, extra: Sequence[str], threads: int) -> str:
+def table(rows: List[dict], config: Path, extra: Sequence[str]) -> str:
     lines = [
         '# coco-mini fine-tune: AP before vs after (zoo-train, CPU)', '',
         f'Written by `benchmarks/coco_mini_runs.py` from `{config.relative_to(REPO) if config.is_relative_to(REPO) else config}`'
-        + (f' with `{" ".join(extra)}`' if extra else '') + f', {threads} CPU threads per run.',
+        + (f' with `{" ".join(extra)}`' if extra else '') + '; *threads*: the CPU threads its fit ran with.',
         'Val2017 subset of coco-mini (100 images), COCO AP in percent (torchmetrics, pycocotools). 2 images per '
         'device. Detectors start from random initialisation: no ImageNet weights are available offline. 100 '
         'training images and a few minutes of CPU training give rough numbers only, not a COCO result.', '',
         '| detector | norm | box AP before | box AP after | box AP50 after | mask AP before | mask AP after '
-        '| mask AP50 after | train loss, first -> last logged step | fit steps | fit time |',
-        '|---|---|---|---|---|---|---|---|---|---|---|']
+        '| mask AP50 after | train loss, first -> last logged step | fit steps | fit time | threads |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         b, a = r['before'] or {}, r['after'] or {}
         fit_time = '-' if r['fit_s'] is None else f'{r["fit_s"] / 60:.1f} min'
@@ -114,7 +114,7 @@ def table(rows: List[dict], config: Path, extra: Sequence[str], threads: int) ->
             f'| `{r["model"]}` | {r["norm"]} | {fmt(b.get("val/bbox_map"))} | {fmt(a.get("val/bbox_map"))} '
             f'| {fmt(a.get("val/bbox_map_50"))} | {fmt(b.get("val/segm_map"))} | {fmt(a.get("val/segm_map"))} '
             f'| {fmt(a.get("val/segm_map_50"))} | {loss} | {a.get("step") or "-"} '
-            f'| {fit_time} |')
+            f'| {fit_time} | {r.get("threads") or "-"} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -135,21 +135,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             zoo_train('validate', args.config, model, run_dir, run_dir / 'before', args.extra, args.threads)
             before = last_metrics(run_dir / 'before')
         after, fit_s = last_metrics(run_dir / 'fit'), None
-        timing = run_dir / 'fit' / 'fit_seconds.txt'
+        timing, threads = run_dir / 'fit' / 'fit_seconds.txt', run_dir / 'fit' / 'threads.txt'
         if after is None:
             fit_s = zoo_train('fit', args.config, model, run_dir, run_dir / 'fit', args.extra, args.threads)
             timing.write_text(f'{fit_s:.1f}\n')
+            threads.write_text(f'{args.threads}\n')  # the table is often written later, by another invocation
             after = last_metrics(run_dir / 'fit')
         elif timing.is_file():
             fit_s = float(timing.read_text())
         if after is not None:
             after['step'] = trained_steps(run_dir / 'checkpoints' / 'last.ckpt')
         rows.append({'model': model, 'norm': DETECTORS.get(model, ''), 'before': before, 'after': after,
-                     'fit_s': fit_s, 'loss': train_losses(run_dir / 'fit')})
+                     'fit_s': fit_s, 'loss': train_losses(run_dir / 'fit'),
+                     'threads': threads.read_text().strip() if threads.is_file() else None})
         print(f'{model}: box AP {fmt((before or {}).get("val/bbox_map"))} -> {fmt((after or {}).get("val/bbox_map"))}, '
               f'mask AP {fmt((before or {}).get("val/segm_map"))} -> {fmt((after or {}).get("val/segm_map"))}',
               flush=True)
-    text = table(rows, args.config, args.extra, args.threads)
+    text = table(rows, args.config, args.extra)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)
     print(text)
