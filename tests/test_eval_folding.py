@@ -212,3 +212,23 @@ def test_fx_traced_models_do_not_fold(monkeypatch):
         out = graph(x)[last]
     assert counter.folded == 0 and counter.unfolded == len(_bcn_layers(model))
     _close(out, _unfolded(model, x))
+
+
+def test_detector_backbone_and_segmenter_fold_in_eval(monkeypatch):
+    """The dense-task models run at 1-2 images in eval: their backbones (and FPN, DeepLab heads) fold too."""
+    torch.manual_seed(0)
+    detector = zoo.create_detector('fasterrcnn_resnet50_fpn_wsbcn', num_classes=3, min_size=128, max_size=128).eval()
+    segmenter = zoo.create_segmenter('deeplabv3_resnet18_wsbcn', num_classes=3).eval()
+    # Unfolded: in DeepLab, ASPP's image-pooling branch (a Sequential subclass with its own forward).
+    cases = ((detector.backbone, torch.randn(1, 3, 128, 128), 0), (segmenter, torch.randn(1, 3, 96, 96), 1))
+    for model, x, unfolded in cases:
+        with torch.enable_grad():
+            ref = model(x)
+        counter = _PathCounter(monkeypatch)
+        with torch.no_grad():
+            out = model(x)
+        assert counter.folded == len(_bcn_layers(model)) - unfolded and counter.unfolded == unfolded
+        for key in ref:
+            _close(out[key], ref[key].detach())
+    detector.train()  # detector training is unchanged: its backbone's pairs are dropped and nothing folds
+    assert '_fold_pairs' not in detector.backbone.__dict__

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from zoo.layers import convert_to_ws
+from zoo.layers import FoldsConvNormsInEval, convert_to_ws, folds_in_eval
 
 __all__ = ['TimmFPNBackbone', 'STAGE_NAMES', 'freeze_stages']
 
@@ -23,7 +23,7 @@ FPN_CHANNELS = 256
 STAGE_NAMES = (('conv1', 'bn1'), ('layer1',), ('layer2',), ('layer3',), ('layer4',))
 
 
-class TimmFPNBackbone(nn.Module):
+class TimmFPNBackbone(FoldsConvNormsInEval, nn.Module):
     """``body`` (a timm ``features_only`` model) followed by ``fpn``; ``out_channels`` for torchvision.
 
     Args:
@@ -42,6 +42,7 @@ class TimmFPNBackbone(nn.Module):
             convert_to_ws(self.fpn, ws_formula)
         self.out_channels = out_channels
 
+    @folds_in_eval  # in eval without autograd, BCN batch stages fold into the WS convs (body and FPN)
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.body(x)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models._features import FeatureDictNet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ['FoldsConvNormsInEval', 'conv_norm_pairs', 'fold_conv_norms', 'folding_applies', 'folds_in_eval']
@@ -36,16 +37,20 @@ def conv_norm_pairs(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str]]:
     """``(parent, conv_name, norm_name)`` where the norm is the only consumer of the conv's output.
 
     Known structures only, and only where the class runs their own ``forward``: adjacent modules
-    of an ``nn.Sequential`` (downsample, deep stems, torchvision's ``Conv2dNormActivation``),
+    of an ``nn.Sequential`` (downsample, deep stems, torchvision's ``Conv2dNormActivation``) or of
+    timm's ``features_only`` wrappers (a conv whose output is not one of the returned features),
     ``convK -> bnK`` in timm's BasicBlock / Bottleneck, and the stem ``conv1 -> bn1`` of a timm
     ResNet (the zoo's ImageNet, CIFAR and TSM ResNets are subclasses that keep that stem).
     """
     for parent in model.modules():
         forward = type(parent).forward
-        if isinstance(parent, nn.Sequential) and forward is nn.Sequential.forward:
+        sequential = isinstance(parent, nn.Sequential) and forward is nn.Sequential.forward
+        features = isinstance(parent, FeatureDictNet) and type(parent)._collect is FeatureDictNet._collect
+        if sequential or features:
             names = list(parent._modules)
             for a, b in zip(names, names[1:]):
-                yield parent, a, b
+                if not (features and a in parent.return_layers):
+                    yield parent, a, b
         if forward in (BasicBlock.forward, Bottleneck.forward):
             for i in (1, 2, 3):
                 yield parent, f'conv{i}', f'bn{i}'

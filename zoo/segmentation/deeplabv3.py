@@ -28,7 +28,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from ..convert import convert_model
 from ..factory import create_model
-from ..layers import set_bcn_batch_stage
+from ..layers import FoldsConvNormsInEval, folds_in_eval, set_bcn_batch_stage
 from ..models._variants import NORM_VARIANTS
 from ..models.resnet import AUTHORS_IN1K
 from ..task_registry import TaskRegistry
@@ -77,7 +77,7 @@ def _single_value_guard(module: nn.Module, args) -> None:
             'BCN (estimated batch stage) variant such as deeplabv3_resnet50_wsbcn.')
 
 
-class ZooDeepLabV3(DeepLabV3):
+class ZooDeepLabV3(FoldsConvNormsInEval, DeepLabV3):
     """torchvision ``DeepLabV3`` (forward returns ``{'out'[, 'aux']}`` at input size) with zoo metadata."""
 
     def __init__(self, backbone: nn.Module, classifier: nn.Module, aux_classifier: Optional[nn.Module],
@@ -89,6 +89,10 @@ class ZooDeepLabV3(DeepLabV3):
         for pooling in (m for m in classifier.modules() if isinstance(m, ASPPPooling)):
             for bn in (m for m in pooling.modules() if isinstance(m, _BatchNorm)):
                 bn.register_forward_pre_hook(_single_value_guard)
+
+    @folds_in_eval  # in eval without autograd, BCN batch stages fold into the WS convs (backbone and heads)
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return super().forward(x)
 
     def get_classifier(self) -> nn.Module:
         """The heads (trained from scratch; ``backbone_lr_scale`` of the optimizer leaves them at full lr)."""
