@@ -74,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch default)')
     p.add_argument('--out', type=Path, help='JSON path (default benchmarks/results/bench_norms_<device>.json)')
     p.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: measure one model's memory
+    p.add_argument('--render', type=Path, help='only rewrite the markdown table of this JSON report (no measuring)')
     args = p.parse_args(argv)
     for k, v in DEVICE_DEFAULTS['cuda' if args.device.startswith('cuda') else 'cpu'].items():
         if getattr(args, k) is None:
@@ -268,10 +269,10 @@ def summarize(args, times, memory):
     return rows
 
 
-def markdown_table(args, rows):
+def markdown_table(args, rows, threads=None):
     height, width = args.img_size
     size = f'{height} px' if height == width else f'{height}x{width} px'
-    head = (f'{args.device}, batch {args.batch_size}, {size}, amp {args.amp}, {torch.get_num_threads()} threads'
+    head = (f'{args.device}, batch {args.batch_size}, {size}, amp {args.amp}, {threads or torch.get_num_threads()} threads'
             f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""}; '
             f'ratios vs timm {BASELINE} (BN)'
             + ('' if args.memory_only else f', median of {args.reps} interleaved repetitions [min-max]'))
@@ -285,7 +286,7 @@ def markdown_table(args, rows):
                 cells += ['-', '-']
                 continue
             k = r[kind]
-            cells += [f'{k["img_per_s"]:.1f}', f'{k["ratio_vs_bn"]:.2f} [{k["ratio_range"][0]:.2f}-{k["ratio_range"][1]:.2f}]']
+            cells += [f'{k["img_per_s"]:.3g}', f'{k["ratio_vs_bn"]:.2f} [{k["ratio_range"][0]:.2f}-{k["ratio_range"][1]:.2f}]']
         if 'memory' in r:
             cells += [f'{r["memory"]["peak_bytes"] / 2 ** 20:.0f}', f'{r["memory"]["ratio_vs_bn"]:.2f}']
         else:
@@ -313,8 +314,21 @@ def environment(args):
     }
 
 
+def render(report_path: Path) -> str:
+    """The markdown table of a JSON report, written next to it (as a run writes it)."""
+    report = json.loads(report_path.read_text())
+    args = argparse.Namespace(**report['settings'])
+    args.img_size = tuple(args.img_size) if isinstance(args.img_size, (list, tuple)) else (args.img_size,) * 2
+    table = markdown_table(args, report['results'], threads=report['environment']['threads'])
+    report_path.with_suffix('.md').write_text(table + '\n')
+    return table
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
