@@ -43,9 +43,12 @@ def test_every_shipped_folder_is_registered_and_every_shipped_entry_has_its_fold
     assert set(_zoo_tags()) == {e.name for e in registry.ENTRIES}  # nothing listed without weights
 
 
-def test_unshipped_resnet56_has_no_tag():
-    assert 'resnet56.cifar10' not in timm.list_pretrained('resnet56*')
-    assert timm.create_model('resnet56').pretrained_cfg.get('tag') in (None, '')
+def test_resnet56_default_tag_is_its_shipped_bn_baseline():
+    """``resnet56.cifar10`` is registered now that its weights ship (before, it was listed with none)."""
+    assert 'resnet56.cifar10' in timm.list_pretrained('resnet56*')
+    assert timm.create_model('resnet56').pretrained_cfg.get('tag') == 'cifar10'
+    model = timm.create_model('resnet56', pretrained=True)  # the shipped folder: no network
+    assert model.num_classes == 10
 
 
 def test_a_shipped_tag_exists_exactly_when_its_folder_does(tmp_path, monkeypatch):
@@ -77,7 +80,7 @@ def test_list_pretrained_prints_tags_with_the_metrics_of_their_cards():
     assert f'top-1 accuracy {top1:g}% (cifar10 test)' in line and 'configs/cifar10/resnet20_wsbcn.yaml' in line
     line = next(l for l in lines if l.startswith('resnet50_wsgn.in1k:'))
     assert 'top-1 error 23.72% (imagenet-1k val)' in line and 'R-50-GN-WS.pth.tar' in line
-    assert zoo.list_pretrained('resnet56*', file=io.StringIO()) == ['resnet56_wsbcn.cifar10']
+    assert zoo.list_pretrained('resnet56*', file=io.StringIO()) == ['resnet56.cifar10', 'resnet56_wsbcn.cifar10']
 
 
 def test_benchmarks_take_tags_from_the_registry():

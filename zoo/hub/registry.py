@@ -8,7 +8,7 @@ Adding weights: one :class:`PretrainedEntry` in ``ENTRIES`` below, plus its fold
 ``zoo/pretrained/`` (shipped: ``benchmarks/publish_cifar_weights.py`` writes it) or its URLs.
 ``tests/test_weights_registry.py`` checks that every entry has its weights and every shipped folder
 its entry. A shipped tag exists exactly when its folder does: without the folder it is not
-registered in timm at all (so ``resnet56.cifar10``, whose run is unfinished, has no entry yet).
+registered in timm at all.
 """
 import fnmatch
 import sys
@@ -151,6 +151,7 @@ ENTRIES: Tuple[PretrainedEntry, ...] = (
     _cifar10('resnet20_wsgn.cifar10', 'WS+GN, 2 images per device', 'resnet20_wsgn'),
     _cifar10('resnet20_wsbcn.cifar10', 'WS+BCN, 2 images per device', 'resnet20_wsbcn'),
     _cifar10('resnet20_bgn.cifar10', 'BGN, 2 images per device', 'resnet20_bgn'),
+    _cifar10('resnet56.cifar10', 'BN, 128 images per device', 'resnet56_b128'),
     _cifar10('resnet56_wsbcn.cifar10', 'WS+BCN, 2 images per device', 'resnet56_wsbcn'),
     # ImageNet-1k, the authors' releases (docs/hub.md)
     _authors_in1k('resnet50_wsgn.in1k', _GN_WS_URL + 'R-50-GN-WS.pth.tar',
