@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 MODEL = 'resnet50_wsbcn'
-SETTINGS = ('b8_128', 'b1_224', 'b1_800x1333', 'b2_800x1333')
+SETTINGS = ('b8_128', 'b1_224', 'b1_800x1333', 'b2_800x1333', 'b8_128_2threads', 'b1_224_2threads')
 
 
 def _ratio(report: dict, model: str, kind: str = 'infer') -> str:
