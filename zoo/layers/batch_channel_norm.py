@@ -33,7 +33,7 @@ from timm.layers import register_notrace_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
-from .eval_folding import take_folded
+from .eval_folding import take_folded, tensors_state
 
 __all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'set_bcn_batch_stage']
 
@@ -161,8 +161,7 @@ class BatchChannelNorm2d(nn.Module):
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.weight.repeat_interleave(per_group), self.bias.repeat_interleave(per_group)
         weight, bias = self._parameters['weight'], self._parameters['bias']
-        key = (id(weight), weight.data_ptr(), weight._version, id(bias), bias.data_ptr(), bias._version,
-               torch.is_inference_mode_enabled())
+        key = tensors_state(weight, bias) + (torch.is_inference_mode_enabled(),)
         cache = self.__dict__.get('_channel_affine_cache')
         if cache is None or cache[0] != key:
             cache = (key, weight.repeat_interleave(per_group), bias.repeat_interleave(per_group))

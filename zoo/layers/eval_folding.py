@@ -10,7 +10,8 @@ How it is kept safe:
 - A model turns it on for one forward call (:func:`fold_conv_norms`) and only for ``(conv, BCN)``
   pairs whose structure guarantees that the norm is the conv's only consumer (adjacent in an
   ``nn.Sequential``, ``convK -> bnK`` in timm's own BasicBlock / Bottleneck, the stem of a timm
-  ResNet), found again at every call, so modules replaced after construction are never paired.
+  ResNet), found after every ``train()`` / ``eval()`` and checked at every call, so a module
+  replaced after construction is never folded into.
 - The conv marks its folded output; the BCN drops its batch stage only for that very tensor.
 - The fold map and the marks are thread-local, so concurrent inference threads on one model do
   not see each other's state.
@@ -56,6 +57,12 @@ def conv_norm_pairs(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str]]:
                 yield parent, f'conv{i}', f'bn{i}'
         if isinstance(parent, ResNet):
             yield parent, 'conv1', 'bn1'
+
+
+def tensors_state(*tensors) -> tuple:
+    """A cheap cache key for values derived from ``tensors``: each one's identity, storage and
+    version counter, which in-place updates, ``load_state_dict``, ``.to()`` and replacement change."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
 def _is_tracing() -> bool:

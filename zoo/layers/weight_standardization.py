@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .eval_folding import fold_target, mark_folded
+from .eval_folding import fold_target, mark_folded, tensors_state
 
 __all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight', 'WSConv2d']
 
@@ -143,16 +143,12 @@ class WSConv2d(nn.Conv2d):
         return cache[1]
 
     def folded_weight_and_bias(self, norm: nn.Module):
-        """Weight and bias of this conv followed by ``norm``'s batch stage (``a * conv(x) + b``), cached.
-
-        The cache key is cheap on purpose (it is checked at every call): each tensor's identity,
-        storage and version counter, which every in-place update, ``load_state_dict``, ``.to()``
-        and replacement changes.
-        """
+        """Weight and bias of this conv followed by ``norm``'s batch stage (``a * conv(x) + b``),
+        cached under a key that is cheap to check at every call (:func:`tensors_state`)."""
         params = self._parameters  # not self.weight: Module.__getattr__ is slow, and this runs per call
         w, bias = params['weight'], params['bias']
-        key = (norm.bn, self.ws_formula, torch.is_inference_mode_enabled()) + tuple(
-            (id(t), t.data_ptr(), t._version) for t in (w, bias, *norm.batch_stage_tensors()) if t is not None)
+        key = (norm.bn, self.ws_formula, torch.is_inference_mode_enabled()) + tensors_state(
+            w, bias, *norm.batch_stage_tensors())
         cache = getattr(self, '_fold_cache', None)
         if cache is None or cache[0] != key:
             with torch.no_grad():
