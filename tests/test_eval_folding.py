@@ -40,9 +40,9 @@ class _PathCounter:
         self.folded = self.unfolded = 0
         channel_stage, inference = BatchChannelNorm2d._channel_stage, _FusedBCN.inference
 
-        def counted_channel_stage(layer, x):
+        def counted_channel_stage(layer, x, *args):
             self.folded += 1
-            return channel_stage(layer, x)
+            return channel_stage(layer, x, *args)
 
         def counted_inference(*args):
             self.unfolded += 1

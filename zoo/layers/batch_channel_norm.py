@@ -88,24 +88,26 @@ class BatchChannelNorm2d(nn.Module):
 
     def _fixed_stage(self) -> bool:
         """Whether the batch stage is a fixed per-channel affine now (estimates, or running stats in eval)."""
-        bn = self.bn
+        bn = self._modules['bn']  # not self.bn: Module.__getattr__ is slow, and this runs per layer and call
         if bn._forward_hooks or bn._forward_pre_hooks:
             return False  # the user observes the batch stage: run it as a module
         if _is_exporting():
             return False  # torch.export: standard ops (batch_norm, group_norm) that every backend and ONNX know
         if isinstance(bn, EstimatedBatchNorm2d):
             return True
-        return isinstance(bn, _BatchNorm) and not bn.training and bn.running_mean is not None
+        return isinstance(bn, _BatchNorm) and not bn.training and bn._buffers.get('running_mean') is not None
 
     def fixed_in_eval(self) -> bool:
         """Whether the batch stage is a fixed per-channel affine in eval (so it can be folded)."""
-        return not self.bn.training and self._fixed_stage()
+        return not self._modules['bn'].training and self._fixed_stage()
 
-    def batch_stage_tensors(self):
-        """The tensors :meth:`batch_stage_affine` is computed from (a cache key for folds)."""
+    def eval_fold_tensors(self):
+        """The tensors that eval folding derives this layer's folded values from (their cache key):
+        the batch stage's parameters and statistics, then the channel stage's parameters."""
         bn = self._modules['bn']
         params, buffers = bn._parameters, bn._buffers
-        return params['weight'], params['bias'], buffers['running_mean'], buffers['running_var']
+        return (params['weight'], params['bias'], buffers['running_mean'], buffers['running_var'],
+                self._parameters['weight'], self._parameters['bias'])
 
     def batch_stage_affine(self):
         """``(scale, shift)`` per channel: the batch stage as ``x * scale + shift`` when it is fixed."""
@@ -119,8 +121,9 @@ class BatchChannelNorm2d(nn.Module):
         return scale, (shift + bn.bias if bn.bias is not None else shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if take_folded(self, x):  # the conv before applied the batch stage (eval folding)
-            return self._channel_stage(x)
+        channel_affine = take_folded(self, x)
+        if channel_affine is not None:  # the conv before applied the batch stage (eval folding)
+            return self._channel_stage(x, channel_affine)
         if x.ndim == 4 and x.shape[0] == 0:
             return self._empty_forward(x)
         if x.ndim != 4 or not self._fixed_stage():
@@ -150,21 +153,24 @@ class BatchChannelNorm2d(nn.Module):
     def _two_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._channel_stage(self.bn(x))
 
-    def _channel_stage(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._channel_affine()
+    def _channel_stage(self, x: torch.Tensor, channel_affine=None) -> torch.Tensor:
+        weight, bias = channel_affine or self._channel_affine()
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
-    def _channel_affine(self):
-        """The group-wise affine spread to channels, so that one fused ``group_norm`` does the
-        channel stage; kept between eval calls without autograd (they run per layer and call)."""
+    def channel_affine(self):
+        """The group-wise affine spread to channels, so that one fused ``group_norm`` does the channel stage."""
         per_group = self.num_channels // self.num_groups
+        return self.weight.repeat_interleave(per_group), self.bias.repeat_interleave(per_group)
+
+    def _channel_affine(self):
+        """:meth:`channel_affine`, kept between eval calls without autograd (they run per layer and call)."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.weight.repeat_interleave(per_group), self.bias.repeat_interleave(per_group)
+            return self.channel_affine()
         weight, bias = self._parameters['weight'], self._parameters['bias']
         key = tensors_state(weight, bias) + (torch.is_inference_mode_enabled(),)
         cache = self.__dict__.get('_channel_affine_cache')
         if cache is None or cache[0] != key:
-            cache = (key, weight.repeat_interleave(per_group), bias.repeat_interleave(per_group))
+            cache = (key, *self.channel_affine())
             self.__dict__['_channel_affine_cache'] = cache
         return cache[1], cache[2]
 

@@ -62,7 +62,7 @@ def conv_norm_pairs(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str]]:
 def tensors_state(*tensors) -> tuple:
     """A cheap cache key for values derived from ``tensors``: each one's identity, storage and
     version counter, which in-place updates, ``load_state_dict``, ``.to()`` and replacement change."""
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
+    return tuple([(id(t), t.data_ptr(), t._version) for t in tensors if t is not None])
 
 
 def _is_tracing() -> bool:
@@ -147,18 +147,19 @@ def fold_target(conv: nn.Module) -> Optional[nn.Module]:
     return folds.get(conv) if folds else None
 
 
-def mark_folded(norm: nn.Module, out: torch.Tensor) -> None:
-    """Tell ``norm`` that ``out`` (and only it) already has the batch stage applied."""
+def mark_folded(norm: nn.Module, out: torch.Tensor, channel_affine: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Tell ``norm`` that ``out`` (and only it) already has the batch stage applied, and hand it
+    the channel-stage affine that was cached with the folded weights."""
     marks = getattr(_state, 'marks', None)
     if marks is None:
         marks = _state.marks = {}
-    marks[norm] = weakref.ref(out)
+    marks[norm] = (weakref.ref(out), channel_affine)
 
 
-def take_folded(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``x`` is the folded output marked for ``norm`` (the mark is used up)."""
+def take_folded(norm: nn.Module, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The channel-stage affine if ``x`` is the folded output marked for ``norm``, else None (the mark is used up)."""
     marks = getattr(_state, 'marks', None)
     if not marks:
-        return False
-    ref = marks.pop(norm, None)
-    return ref is not None and ref() is x
+        return None
+    mark = marks.pop(norm, None)
+    return mark[1] if mark is not None and mark[0]() is x else None

@@ -102,8 +102,8 @@ class WSConv2d(nn.Conv2d):
     plain attribute, so state dicts are unchanged; it costs one extra copy of the conv weights.
 
     Eval folding (:mod:`zoo.layers.eval_folding`): when the model folds the BCN that follows this
-    conv, the cached weight and bias also carry that BCN's batch-stage affine, recomputed when
-    either layer's parameters or statistics change.
+    conv, the cached weight and bias also carry that BCN's batch-stage affine (and the cache holds
+    the BCN's channel-stage affine), recomputed when either layer's parameters or statistics change.
     """
 
     def __init__(self, *args, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA, **kwargs):
@@ -142,29 +142,31 @@ class WSConv2d(nn.Conv2d):
             self._ws_cache = cache
         return cache[1]
 
-    def folded_weight_and_bias(self, norm: nn.Module):
-        """Weight and bias of this conv followed by ``norm``'s batch stage (``a * conv(x) + b``),
-        cached under a key that is cheap to check at every call (:func:`tensors_state`)."""
+    def folded_params(self, norm: nn.Module):
+        """``(weight, bias, channel_affine)``: this conv followed by ``norm``'s batch stage
+        (``a * conv(x) + b``), and ``norm``'s per-channel channel-stage affine, cached under one key
+        that is cheap to check at every call (:func:`tensors_state`)."""
         params = self._parameters  # not self.weight: Module.__getattr__ is slow, and this runs per call
         w, bias = params['weight'], params['bias']
-        key = (norm.bn, self.ws_formula, torch.is_inference_mode_enabled()) + tensors_state(
-            w, bias, *norm.batch_stage_tensors())
-        cache = getattr(self, '_fold_cache', None)
+        key = (norm._modules['bn'], self.ws_formula, torch.is_inference_mode_enabled()) + tensors_state(
+            w, bias, *norm.eval_fold_tensors())
+        cache = self._fold_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 fold_dtype = torch.promote_types(w.dtype, torch.float32)
                 a, b = (t.to(fold_dtype) for t in norm.batch_stage_affine())
                 weight = standardize_weight(w, self.ws_formula).to(fold_dtype) * a.view(-1, 1, 1, 1)
                 shift = b if bias is None else bias.to(fold_dtype) * a + b
-                cache = (key, weight.to(w.dtype), shift.to(w.dtype))
+                cache = (key, weight.to(w.dtype), shift.to(w.dtype), norm.channel_affine())
             self._fold_cache = cache
-        return cache[1], cache[2]
+        return cache[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = fold_target(self)
         if norm is not None and x.ndim == 4 and x.shape[0] > 0 and not self.training and not torch.is_grad_enabled():
-            out = self._conv_forward(x, *self.folded_weight_and_bias(norm))
-            mark_folded(norm, out)
+            weight, bias, channel_affine = self.folded_params(norm)
+            out = self._conv_forward(x, weight, bias)
+            mark_folded(norm, out, channel_affine)
             return out
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
