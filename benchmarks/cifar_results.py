@@ -282,7 +282,17 @@ def _top1_cell(c: ConfigResult) -> str:
 
 
 SEEDS_NOTE = ('With several seeds: mean ± sample standard deviation (n - 1) of the test top-1 over the seeds '
-              'listed, each seed\'s result in brackets; *vs. large-batch BN* compares the means.')
+              'listed, each seed\'s result in brackets; *vs. large-batch BN* compares the means, ± the standard '
+              'error of that difference where both sides have several seeds.')
+
+
+def difference_std_error(a: ConfigResult, b: ConfigResult) -> float:
+    """Standard error of ``a.mean - b.mean`` from the two seed spreads: ``sqrt(sa^2 / na + sb^2 / nb)``.
+
+    With two or three seeds a side, a difference below about three times this (the 95% t quantile for
+    so few degrees of freedom) is within what seed-to-seed variation alone gives.
+    """
+    return (a.std ** 2 / len(a.runs) + b.std ** 2 / len(b.runs)) ** 0.5
 
 
 def markdown_table(results: Sequence[RunResult]) -> str:
@@ -295,6 +305,8 @@ def markdown_table(results: Sequence[RunResult]) -> str:
             gap = '(baseline)' if base is c else '-'
         else:
             gap = f'{c.mean - base.mean:+.2f}'
+            if len(c.runs) > 1 and len(base.runs) > 1:
+                gap += f' ± {difference_std_error(c, base):.2f}'
         lines.append(f'| {", ".join(r.run for r in c.runs)} | {c.model} | {c.label} | {c.images_per_device} | '
                      f'{c.devices} | {c.epochs} | {_top1_cell(c)} | {gap} | {c.weights} |')
     if any(len(c.runs) > 1 for c in configs):

@@ -92,6 +92,18 @@ def test_seeds_of_a_config_are_one_row_with_mean_and_sample_std(tmp_path, monkey
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
 
 
+def test_gap_to_a_multi_seed_baseline_carries_the_standard_error_of_the_difference(tmp_path, monkeypatch, make_run):
+    monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
+    runs = _seeds_of_wsbcn(tmp_path, make_run)
+    runs.append(make_run(tmp_path, 'resnet20_b128_seed1', 'resnet20', 128, None, [0.8431], seed=1))
+    table = cifar_results.markdown_table([cifar_results.read_run(r) for r in runs]).splitlines()
+    # WS+BCN 84.41, 84.12, 84.37 (mean 84.30, variance 0.0494 / 2); BN 84.11, 84.31 (mean 84.21,
+    # variance 0.02): standard error of the difference sqrt(0.0247 / 3 + 0.02 / 2) = 0.1353
+    assert ('| resnet20_wsbcn, resnet20_wsbcn_seed1, resnet20_wsbcn_seed2 | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | '
+            '84.30 ± 0.16 (seeds 0, 1, 2: 84.41, 84.12, 84.37) | +0.09 ± 0.14 | - |') in table
+    assert '| resnet20_b128, resnet20_b128_seed1 | resnet20 | BN | 128 | 1 | 20 | 84.21 ± 0.14 (seeds 0, 1: 84.11, 84.31) | (baseline) | - |' in table
+
+
 def test_runs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path, monkeypatch, make_run):
     monkeypatch.setattr(zoo.hub.registry, 'SHIPPED_WEIGHTS_DIR', tmp_path / 'no_weights_here')
     runs = [
