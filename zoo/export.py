@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, conv_norm_pairs, standardize_weight
+from .layers import (
+    BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d, conv_norm_pairs, running_stats_affine,
+    standardize_weight)
 
 __all__ = ['export_for_inference', 'plain_conv']
 
@@ -73,11 +75,7 @@ def _norm_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]
             return None
         return norm.affine_coefficients()
     if isinstance(norm, _BatchNorm) and norm.track_running_stats and norm.running_mean is not None:
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -norm.running_mean * scale
-        return scale, (shift + norm.bias if norm.bias is not None else shift)
+        return running_stats_affine(norm)
     if isinstance(norm, BatchChannelNorm2d):
         return _norm_affine(norm.bn)
     return None

@@ -2,7 +2,7 @@
 
 GN and BN baselines are torch's / timm's own layers.
 """
-from .batch_channel_norm import BCN_BATCH_STAGES, BatchChannelNorm2d, set_bcn_batch_stage
+from .batch_channel_norm import BCN_BATCH_STAGES, BatchChannelNorm2d, running_stats_affine, set_bcn_batch_stage
 from .batch_group_norm import BatchGroupNorm2d
 from .estimated_batch_norm import EstimatedBatchNorm2d
 from .eval_folding import FoldsConvNormsInEval, conv_norm_pairs, fold_conv_norms, folds_in_eval

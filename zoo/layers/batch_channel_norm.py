@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
 from .eval_folding import take_folded, tensors_state
 
-__all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'set_bcn_batch_stage']
+__all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'running_stats_affine', 'set_bcn_batch_stage']
 
 BCN_BATCH_STAGES = ('estimated', 'batch')
 
@@ -49,6 +49,15 @@ def _make_batch_stage(mode: str, num_channels: int, eps: float, momentum, dd) ->
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
+def running_stats_affine(bn: _BatchNorm):
+    """``(scale, shift)`` per channel: a BatchNorm with running statistics as ``x * scale + shift`` (its eval form)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    return scale, (shift + bn.bias if bn.bias is not None else shift)
+
+
 class BatchChannelNorm2d(nn.Module):
     """Batch stage (estimated or batch statistics) followed by a group norm with group-wise affine.
 
@@ -112,13 +121,7 @@ class BatchChannelNorm2d(nn.Module):
     def batch_stage_affine(self):
         """``(scale, shift)`` per channel: the batch stage as ``x * scale + shift`` when it is fixed."""
         bn = self.bn
-        if isinstance(bn, EstimatedBatchNorm2d):
-            return bn.affine_coefficients()
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        return scale, (shift + bn.bias if bn.bias is not None else shift)
+        return bn.affine_coefficients() if isinstance(bn, EstimatedBatchNorm2d) else running_stats_affine(bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel_affine = take_folded(self, x)
