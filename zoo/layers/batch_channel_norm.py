@@ -48,7 +48,6 @@ def _make_batch_stage(mode: str, num_channels: int, eps: float, momentum, dd) ->
     raise ValueError(f'Unknown BCN batch stage {mode!r}; choose one of {BCN_BATCH_STAGES}.')
 
 
-@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 def running_stats_affine(bn: _BatchNorm):
     """``(scale, shift)`` per channel: a BatchNorm with running statistics as ``x * scale + shift`` (its eval form)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
@@ -58,6 +57,7 @@ def running_stats_affine(bn: _BatchNorm):
     return scale, (shift + bn.bias if bn.bias is not None else shift)
 
 
+@register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
 class BatchChannelNorm2d(nn.Module):
     """Batch stage (estimated or batch statistics) followed by a group norm with group-wise affine.
 
