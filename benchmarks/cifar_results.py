@@ -289,8 +289,8 @@ SEEDS_NOTE = ('With several seeds: mean ± sample standard deviation (n - 1) of 
 def difference_std_error(a: ConfigResult, b: ConfigResult) -> float:
     """Standard error of ``a.mean - b.mean`` from the two seed spreads: ``sqrt(sa^2 / na + sb^2 / nb)``.
 
-    With two or three seeds a side, a difference below about three times this (the 95% t quantile for
-    so few degrees of freedom) is within what seed-to-seed variation alone gives.
+    How many standard errors seed-to-seed variation alone can give depends on the seed count: at
+    95%, about 2.8 with three seeds a side (Welch's t, about 4 degrees of freedom), far more with two.
     """
     return (a.std ** 2 / len(a.runs) + b.std ** 2 / len(b.runs)) ** 0.5
 
