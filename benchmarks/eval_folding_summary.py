@@ -3,8 +3,8 @@
 Each setting was measured twice with the same script, in one run each: ``before_<setting>.json``
 with the zoo before eval folding, ``after_<setting>.json`` with it (each report records the zoo
 folder and commit it measured). Where ``after2_<setting>.json`` exists, a later version of folding
-(less per-layer bookkeeping) was measured again, in a longer run (more repetitions). Prints a markdown table of ``resnet50_wsbcn``'s eval throughput
-as a ratio to timm's ``resnet50`` (BN) in both, next to the exported model and WS+GN of the
+(less per-layer bookkeeping) was measured again, in a longer run (more repetitions). Prints a
+markdown table of ``resnet50_wsbcn``'s eval throughput as a ratio to timm's ``resnet50`` (BN) in both, next to the exported model and WS+GN of the
 after run, and the training-step ratio where the setting timed training.
 
     python benchmarks/eval_folding_summary.py benchmarks/results/eval_folding

@@ -86,10 +86,10 @@ def _after_fold(norm: nn.Module) -> nn.Module:
     if isinstance(norm, BatchChannelNorm2d):  # the channel stage stays: GN with per-channel affine
         gn = nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps,
                           device=norm.weight.device, dtype=norm.weight.dtype)
-        per_group = norm.num_channels // norm.num_groups
         with torch.no_grad():
-            gn.weight.copy_(norm.weight.repeat_interleave(per_group))
-            gn.bias.copy_(norm.bias.repeat_interleave(per_group))
+            weight, bias = norm.channel_affine()
+            gn.weight.copy_(weight)
+            gn.bias.copy_(bias)
         return gn
     return nn.Identity()
 
