@@ -11,9 +11,16 @@ pretrained=True)`` loads with no network. The same folder can later be pushed as
 The tag: ``cifar10``, except BN trained with few images per device (``cifar10_b2``), so that the
 plain ``resnet20.cifar10`` is the large-batch BN baseline. A new tag also needs its entry in
 ``zoo/hub/registry.py`` (``tests/test_weights_registry.py`` checks that folders and entries match).
+
+The cards take what the weights are (description, recipe, notes) from the registry. After a
+registry entry changes, rebuild the shipped cards from it, keeping each card's run record
+(metrics, training config); the weights must come out byte-identical:
+
+    python benchmarks/publish_cifar_weights.py --refresh-cards
 """
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,12 +58,36 @@ def publish(run_dir: Path, out_root: Path = SHIPPED_WEIGHTS_DIR, tag: Optional[s
     return out
 
 
+def refresh_card(folder: Path) -> Path:
+    """Rebuild a shipped folder's model card and config.json from the registry and the card's run record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / folder.name
+        if hub_upload.main([str(folder), '--repo-id', f'{HUB_ORG}/{folder.name}', '--dry-run', '--out', str(out)]):
+            raise RuntimeError(f'hub_upload.py failed for {folder}')
+        weights = hub_upload.WEIGHTS_NAME
+        if (out / weights).read_bytes() != (folder / weights).read_bytes():
+            raise RuntimeError(f'{folder}: re-exported weights differ from the shipped ones; card not replaced')
+        for name in ('README.md', hub_upload.CONFIG_NAME):
+            shutil.copyfile(out / name, folder / name)
+    return folder
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('runs', nargs='+', type=Path, help='finished zoo-train run folders')
+    parser.add_argument('runs', nargs='*', type=Path, help='finished zoo-train run folders')
     parser.add_argument('--out-root', type=Path, default=SHIPPED_WEIGHTS_DIR)
     parser.add_argument('--tag', default=None, help='publish under this tag (one run only) instead of the recipe\'s')
+    parser.add_argument('--refresh-cards', action='store_true',
+                        help='rebuild the cards of every shipped folder in --out-root from the registry instead')
     args = parser.parse_args(argv)
+    if args.refresh_cards:
+        if args.runs or args.tag:
+            parser.error('--refresh-cards takes no runs and no --tag')
+        for folder in sorted(p for p in args.out_root.iterdir() if (p / hub_upload.WEIGHTS_NAME).is_file()):
+            print(f'{refresh_card(folder)}: card rebuilt')
+        return 0
+    if not args.runs:
+        parser.error('give finished run folders, or --refresh-cards')
     if args.tag and len(args.runs) > 1:
         parser.error('--tag names one run')
     for run in args.runs:

@@ -131,6 +131,32 @@ def test_card_model_index_holds_the_test_accuracy(trained, tmp_path):
     assert results['top-1 accuracy'].dataset_type == 'cifar10' and results['top-1 accuracy'].dataset_split == 'test'
 
 
+def test_re_exporting_a_folder_keeps_the_run_record_of_its_card(exported, tmp_path):
+    """A folder exported earlier is a valid source: its card's metrics, training config, images per device and
+    source carry over to the new card, and flags still override them."""
+    from zoo.hub.publish import read_card_run_info
+    first = read_card_run_info(exported / 'README.md')
+    assert first.metrics['val_acc'] > 0 and first.metrics['epochs'] == 2 and first.images_per_device == 2
+    assert first.train_config['lr'] == 0.05 and first.dataset == 'cifar10' and first.source.endswith('.ckpt')
+    again = tmp_path / 'again'
+    assert _export(exported, again) == 0
+    assert read_card_run_info(again / 'README.md') == first
+    metrics = tmp_path / 'metrics.json'
+    metrics.write_text(json.dumps({'test/top1': 0.5}))
+    assert _export(exported, tmp_path / 'flagged', '--metrics', str(metrics), '--images-per-device', '4') == 0
+    flagged = read_card_run_info(tmp_path / 'flagged' / 'README.md')
+    assert flagged.metrics == dict(first.metrics, **{'test/top1': 0.5}) and flagged.images_per_device == 4
+
+
+def test_a_card_without_a_run_record_reads_back_empty(tmp_path):
+    """Weights with no run behind them (a model name): "(none recorded)" is not read back as a metric."""
+    from zoo.hub.publish import read_card_run_info
+    out = tmp_path / 'bare'
+    assert hub_upload.main(['resnet20_wsbcn', '--repo-id', 'org/bare', '--dry-run', '--out', str(out)]) == 0
+    info = read_card_run_info(out / 'README.md')
+    assert info.metrics == {} and info.train_config is None and info.images_per_device is None
+
+
 def test_token_is_never_printed(trained, tmp_path, capsys, caplog):
     assert _export(trained[1], tmp_path / 'again') == 0
     out = capsys.readouterr()

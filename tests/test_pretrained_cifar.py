@@ -140,3 +140,32 @@ def test_publishing_refuses_a_run_the_registry_does_not_credit(tmp_path):
     with pytest.raises(ValueError, match='not the run the registry credits for resnet20_wsbcn.cifar10'):
         publish(run, tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_shipped_cards_are_up_to_date_with_the_registry(tmp_path):
+    """Each card takes what the weights are (description, recipe, notes) from the registry: rebuilding the
+    cards from today's registry and the cards' own run records must change nothing, weights included."""
+    from publish_cifar_weights import main as publish_main
+    out_root = tmp_path / 'pretrained'
+    shutil.copytree(SHIPPED_WEIGHTS_DIR, out_root)
+    assert publish_main(['--refresh-cards', '--out-root', str(out_root)]) == 0
+    for name in SHIPPED:
+        for file in ('README.md', 'config.json', 'model.safetensors'):
+            assert (out_root / name / file).read_bytes() == (SHIPPED_WEIGHTS_DIR / name / file).read_bytes(), (
+                f'{name}/{file} is stale: run python benchmarks/publish_cifar_weights.py --refresh-cards')
+
+
+def test_re_exporting_a_shipped_folder_keeps_its_run_record(tmp_path):
+    """The documented push of a shipped folder (hub_upload.py zoo/pretrained/<tag>) must keep the card's test
+    accuracy (model-index), metrics, training config and seed, not replace them by "(none recorded)"."""
+    from zoo.hub import publish as hub_upload
+    out = tmp_path / HEADLINE
+    assert hub_upload.main([str(SHIPPED_WEIGHTS_DIR / HEADLINE), '--repo-id', f'org/{HEADLINE}', '--dry-run',
+                            '--out', str(out)]) == 0
+    shipped = hub_upload.read_card_run_info(SHIPPED_WEIGHTS_DIR / HEADLINE / 'README.md')
+    again = hub_upload.read_card_run_info(out / 'README.md')
+    assert again == shipped
+    assert shipped.metrics['test/top1'] == pytest.approx(card_accuracy(HEADLINE) / 100)
+    assert shipped.train_config['seed_everything'] == 0 and shipped.images_per_device == 2
+    assert shipped.source.endswith('last.ckpt')
+    assert card_accuracy(HEADLINE) == ModelCard.load(out / 'README.md').data.eval_results[0].metric_value

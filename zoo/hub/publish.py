@@ -138,6 +138,42 @@ def _label_names(arg: Optional[str]) -> Optional[List[str]]:
     return list(json.loads(text)) if p.suffix == '.json' else [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _card_value(text: str) -> Any:
+    """A metrics-table cell back as the number the card printed (int, float) or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_card_run_info(card_path: Path) -> RunInfo:
+    """The run facts a card written by :func:`build_model_card` records (source, dataset, images per
+    device, metrics table, training config, license), so that re-exporting or pushing a published
+    folder keeps its measured results and ``model-index`` instead of replacing them by "(none recorded)"."""
+    card = ModelCard.load(card_path)
+    info = RunInfo(source=str(card_path.parent), dataset=(card.data.datasets or [None])[0], license=card.data.license)
+    section = None
+    config_lines: List[str] = []
+    for line in card.text.splitlines():
+        if line.startswith('## '):
+            section = line[3:].strip()
+        elif line.startswith('- **Weights from:** '):
+            info.source = line.split(':** ', 1)[1].strip()
+        elif line.startswith('- **Images per device:** ') and line.split(':** ', 1)[1].strip().isdigit():
+            info.images_per_device = int(line.split(':** ', 1)[1])
+        elif section == 'Metrics of the run' and line.startswith('| ') and not line.startswith('| metric |'):
+            name, value = (cell.strip() for cell in line.strip().strip('|').split('|', 1))
+            if name != '(none recorded)':
+                info.metrics[name] = _card_value(value)
+        elif section == 'Training config' and not line.startswith('```'):
+            config_lines.append(line)
+    config = yaml.safe_load('\n'.join(config_lines)) if config_lines else None
+    info.train_config = config if isinstance(config, dict) else None  # "(not recorded)" is a plain string
+    return info
+
+
 # ----------------------------------------------------------------------------------- sources
 
 def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
@@ -165,11 +201,9 @@ def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
     elif src.is_dir():
         model = load_hub_model(str(src))
         config = json.loads((src / CONFIG_NAME).read_text())
+        if (src / 'README.md').is_file():  # an earlier export: keep what its card recorded about the run
+            info = read_card_run_info(src / 'README.md')
         info.label_names = config.get('label_names')
-        if (src / 'README.md').is_file():
-            data = ModelCard.load(src / 'README.md').data
-            info.dataset = (data.datasets or [None])[0]
-            info.license = data.license
     else:
         kwargs = dict(pretrained_cfg_overlay=dict(file=args.weights)) if args.weights else {}
         model = zoo.create_model(args.source, pretrained=True, **kwargs)
