@@ -9,7 +9,9 @@ device, one line per architecture and normalization (like Figure 1 of the BCN pa
 
 Runs of one configuration with different seeds (``benchmarks/cifar_runs.py --seeds``) are one row:
 the mean ± sample standard deviation of their test top-1, with each seed's result; the plot shows
-the mean with an error bar of one standard deviation and each seed as a faint point. Runs are the
+the mean with an error bar of one standard deviation and each seed as a faint point. Where a
+configuration and its large-batch BN baseline both have several seeds, the gap carries its standard
+error and the p-value of Welch's t-test (:func:`welch_test`). Runs are the
 same configuration when every setting both logged configs have agrees, apart from the seed, the
 run folder's paths and settings that do not change the result (:data:`NOT_THE_SETUP`); settings
 only one of them logs (options added to the zoo after the older run) are not compared.
@@ -18,6 +20,7 @@ only one of them logs (options added to the zoo after the older run) are not com
 """
 import argparse
 import csv
+import math
 import os
 import re
 import statistics
@@ -283,16 +286,59 @@ def _top1_cell(c: ConfigResult) -> str:
 
 SEEDS_NOTE = ('With several seeds: mean ± sample standard deviation (n - 1) of the test top-1 over the seeds '
               'listed, each seed\'s result in brackets; *vs. large-batch BN* compares the means, ± the standard '
-              'error of that difference where both sides have several seeds.')
+              'error of that difference where both sides have several seeds, and p, the two-sided p-value of '
+              'Welch\'s t-test: how often seed-to-seed variation alone would give a gap at least that large.')
 
 
 def difference_std_error(a: ConfigResult, b: ConfigResult) -> float:
     """Standard error of ``a.mean - b.mean`` from the two seed spreads: ``sqrt(sa^2 / na + sb^2 / nb)``.
 
-    How many standard errors seed-to-seed variation alone can give depends on the seed count: at
-    95%, about 2.8 with three seeds a side (Welch's t, about 4 degrees of freedom), far more with two.
+    How many standard errors seed-to-seed variation alone can give depends on the seed counts:
+    :func:`welch_test` turns the ratio into a p-value.
     """
     return (a.std ** 2 / len(a.runs) + b.std ** 2 / len(b.runs)) ** 0.5
+
+
+def student_t_two_sided_p(t: float, df: float, intervals: int = 2000) -> float:
+    """``P(|T| >= |t|)`` for Student's t with ``df`` degrees of freedom (a real number, as Welch's are).
+
+    The standard library has no incomplete beta function, so the density is integrated. With
+    ``t = sqrt(df) tan(phi)`` it becomes ``c * cos(phi)^(df - 1)`` on ``[0, pi/2)``, bounded and smooth
+    for ``df >= 1`` (Welch's df is at least the smaller seed count minus one), where Simpson's rule is
+    accurate to far below the two decimals the table shows.
+    """
+    if df < 1:
+        raise ValueError(f'student_t_two_sided_p: df must be at least 1, got {df}')
+    phi_t = math.atan(abs(t) / math.sqrt(df))
+    c = 2 * math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+    h = phi_t / intervals
+    f = [math.cos(i * h) ** (df - 1) for i in range(intervals + 1)]
+    inside = h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    return min(1., max(0., 1 - c * inside))
+
+
+@dataclass(frozen=True)
+class WelchTest:
+    t: float
+    df: float  # Welch-Satterthwaite degrees of freedom
+    p: float  # two-sided
+
+
+def welch_test(a: ConfigResult, b: ConfigResult) -> Optional[WelchTest]:
+    """Welch's t-test (unequal variances) of ``a.mean - b.mean`` over the seeds: how often seed-to-seed
+    variation alone gives a gap this large. None unless both have several seeds and some spread."""
+    if len(a.runs) < 2 or len(b.runs) < 2:
+        return None
+    va, vb = a.std ** 2 / len(a.runs), b.std ** 2 / len(b.runs)
+    if va + vb == 0:
+        return None
+    t = (a.mean - b.mean) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a.runs) - 1) + vb ** 2 / (len(b.runs) - 1))
+    return WelchTest(t, df, student_t_two_sided_p(t, df))
+
+
+def _p_cell(p: float) -> str:
+    return f'p = {p:.2f}' if p >= 0.01 else f'p = {p:.3f}' if p >= 0.001 else 'p < 0.001'
 
 
 def markdown_table(results: Sequence[RunResult]) -> str:
@@ -307,6 +353,9 @@ def markdown_table(results: Sequence[RunResult]) -> str:
             gap = f'{c.mean - base.mean:+.2f}'
             if len(c.runs) > 1 and len(base.runs) > 1:
                 gap += f' ± {difference_std_error(c, base):.2f}'
+                test = welch_test(c, base)
+                if test is not None:
+                    gap += f' ({_p_cell(test.p)})'
         lines.append(f'| {", ".join(r.run for r in c.runs)} | {c.model} | {c.label} | {c.images_per_device} | '
                      f'{c.devices} | {c.epochs} | {_top1_cell(c)} | {gap} | {c.weights} |')
     if any(len(c.runs) > 1 for c in configs):

@@ -6,7 +6,8 @@ schedule is shared by all. A run that already has a test top-1 in its logs is sk
 at any time and started again. On a small CPU machine, two one-thread runs side by side train
 about 1.4x faster in total than one run using both cores. The thread count is logged with each
 start: on CPU it changes float summation order, so a run resumed with other threads drifts slightly
-from an uninterrupted one; each start also writes it into the run's ``train.log``.
+from an uninterrupted one; each start also writes it into the run's ``train.log``, and each end its
+wall time (a run's training time is the sum over its starts).
 
     python benchmarks/cifar_runs.py --epochs 15 --jobs 2 \\
         configs/cifar10/resnet20_wsbcn.yaml configs/cifar10/resnet20_b128.yaml ...
@@ -139,8 +140,10 @@ def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None)
         log.write(f'[cifar_runs] {what} at {stamp}, threads: {threads} (OMP_NUM_THREADS): {" ".join(cmd)}\n')
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f'[{"done" if rc == 0 else f"failed rc={rc}"}] {name} after {(time.time() - start) / 60:.1f} min',
-          flush=True)
+        minutes, outcome = (time.time() - start) / 60, 'done' if rc == 0 else f'failed rc={rc}'
+        log.write(f'[cifar_runs] {outcome} after {minutes:.1f} min at {time.strftime("%Y-%m-%d %H:%M:%S %Z")}, '
+                  f'threads: {threads}\n')
+    print(f'[{outcome}] {name} after {minutes:.1f} min', flush=True)
     if rc == 0 and is_finished(run_dir):
         print(f'[archived] {name}: logs in {archive_run(run_dir)} (commit them)', flush=True)
     return rc

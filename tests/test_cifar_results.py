@@ -1,5 +1,7 @@
 """benchmarks/cifar_results.py on run folders laid out as zoo-train writes them (written by the make_run fixture in conftest.py)."""
 
+import math
+
 import pytest
 
 import zoo.hub.registry
@@ -98,10 +100,45 @@ def test_gap_to_a_multi_seed_baseline_carries_the_standard_error_of_the_differen
     runs.append(make_run(tmp_path, 'resnet20_b128_seed1', 'resnet20', 128, None, [0.8431], seed=1))
     table = cifar_results.markdown_table([cifar_results.read_run(r) for r in runs]).splitlines()
     # WS+BCN 84.41, 84.12, 84.37 (mean 84.30, variance 0.0494 / 2); BN 84.11, 84.31 (mean 84.21,
-    # variance 0.02): standard error of the difference sqrt(0.0247 / 3 + 0.02 / 2) = 0.1353
+    # variance 0.02): standard error of the difference sqrt(0.0247 / 3 + 0.02 / 2) = 0.1353; Welch's
+    # t = 0.6665 with 2.483 degrees of freedom, two-sided p = 0.5617 (mpmath's regularized incomplete beta)
     assert ('| resnet20_wsbcn, resnet20_wsbcn_seed1, resnet20_wsbcn_seed2 | resnet20_wsbcn | WS+BCN | 2 | 64 | 20 | '
-            '84.30 ± 0.16 (seeds 0, 1, 2: 84.41, 84.12, 84.37) | +0.09 ± 0.14 | - |') in table
+            '84.30 ± 0.16 (seeds 0, 1, 2: 84.41, 84.12, 84.37) | +0.09 ± 0.14 (p = 0.56) | - |') in table
     assert '| resnet20_b128, resnet20_b128_seed1 | resnet20 | BN | 128 | 1 | 20 | 84.21 ± 0.14 (seeds 0, 1: 84.11, 84.31) | (baseline) | - |' in table
+
+
+@pytest.mark.parametrize('t', [0., 0.3, 1., 2.96, 12., 300.])
+def test_student_t_p_value_against_closed_forms(t):
+    # P(|T| >= t) in closed form: df 1 (Cauchy), df 2, df 4 (two tails of the CDF
+    # 1/2 + 3/8 * x * (1 - t^2 / (12 (1 + t^2 / 4))), x = t / sqrt(1 + t^2 / 4)), and a huge df (the normal)
+    x4 = t / math.sqrt(1 + t * t / 4)
+    closed = {1: 1 - 2 / math.pi * math.atan(t), 2: 1 - t / math.sqrt(2 + t * t),
+              4: 1 - 2 * (3 / 8) * x4 * (1 - t * t / (12 * (1 + t * t / 4))), 1e6: math.erfc(t / math.sqrt(2))}
+    for df, p in closed.items():
+        assert cifar_results.student_t_two_sided_p(t, df) == pytest.approx(p, abs=1e-6), df
+        assert cifar_results.student_t_two_sided_p(-t, df) == pytest.approx(p, abs=1e-6), df
+    with pytest.raises(ValueError, match='df must be at least 1'):
+        cifar_results.student_t_two_sided_p(t, 0.5)
+
+
+def _config(top1s):
+    return cifar_results.ConfigResult([cifar_results.RunResult(
+        f'run{i}', 'resnet20', 'BN', 2, 64, 15, top1, None, 1, seed=i) for i, top1 in enumerate(top1s)])
+
+
+def test_welch_test_degrees_of_freedom_and_edge_cases():
+    # equal spreads and three seeds a side: Welch's df is 2 (n - 1) = 4, t = gap / sqrt(2 s^2 / 3)
+    a, b = _config([85.0, 85.3, 85.6]), _config([84.0, 84.3, 84.6])
+    test = cifar_results.welch_test(a, b)
+    t = 1.0 / math.sqrt(2 * 0.09 / 3)
+    x4 = t / math.sqrt(1 + t * t / 4)
+    assert test.t == pytest.approx(t) and test.df == pytest.approx(4)
+    assert test.p == pytest.approx(1 - 0.75 * x4 * (1 - t * t / (12 * (1 + t * t / 4))), abs=1e-6)
+    # one side without spread (two equal seeds): all the variance, and the df, come from the other side
+    same = cifar_results.welch_test(_config([84.41, 84.41]), b)
+    assert same.df == pytest.approx(2) and same.t == pytest.approx((84.41 - 84.3) / math.sqrt(0.09 / 3))
+    assert cifar_results.welch_test(_config([1., 1.]), _config([2., 2.])) is None  # no spread at all
+    assert cifar_results.welch_test(_config([85.]), b) is None  # one seed
 
 
 def test_runs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path, monkeypatch, make_run):

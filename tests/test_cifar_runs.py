@@ -1,4 +1,5 @@
 """benchmarks/cifar_runs.py: which runs the queue skips, resumes or starts, with what command."""
+import re
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,9 @@ def test_queue_skips_finished_resumes_checkpointed_and_starts_new(tmp_path, call
     fresh_cmd, _ = by_config[str(fresh)]
     assert '--ckpt_path' not in fresh_cmd
     assert fresh_cmd[fresh_cmd.index('--trainer.max_epochs') + 1] == '3'
-    assert (tmp_path / 'runs' / 'fresh' / 'train.log').is_file()
+    log = (tmp_path / 'runs' / 'fresh' / 'train.log').read_text().splitlines()  # each start and end, with threads
+    assert log[0].startswith('[cifar_runs] start at ') and 'threads: 1 ' in log[0]
+    assert re.fullmatch(r'\[cifar_runs\] done after \d+\.\d min at .+, threads: 1', log[-1]), log[-1]
     # The finished run's logs are archived (to be committed), and read back as the run itself.
     archived = tmp_path / 'archive' / 'finished'
     assert sorted(p.name for p in archived.rglob('*') if p.is_file()) == ['config.yaml', 'metrics.csv']
@@ -67,6 +70,8 @@ def test_queue_skips_finished_resumes_checkpointed_and_starts_new(tmp_path, call
 def test_a_failed_run_fails_the_queue(tmp_path, calls):
     assert cifar_runs.main([str(_config(tmp_path, 'broken')), str(_config(tmp_path, 'ok')), '--epochs', '1']) == 3
     assert len(calls) == 2  # the other run still ran
+    log = (tmp_path / 'runs' / 'broken' / 'train.log').read_text().splitlines()
+    assert log[-1].startswith('[cifar_runs] failed rc=3 after ')
 
 
 def test_seeds_run_in_their_own_folders_with_the_config_otherwise_unchanged(tmp_path, calls):
