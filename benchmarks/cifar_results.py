@@ -376,41 +376,74 @@ def update_readme(readme: Path, block: str) -> None:
     readme.write_text(f'{head}{README_START}\n{block.strip()}\n{README_END}{tail}')
 
 
-def plot(results: Sequence[RunResult], path: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    configs = group_by_config(results)
-    several = any(len(c.runs) > 1 for c in configs)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arch, label in sorted({(c.arch, c.label) for c in configs}):  # one line per architecture and normalization
+def _plot_sizes(ax, configs: Sequence[ConfigResult]) -> Dict[Tuple[str, str], Any]:
+    """Test top-1 against images per device, one line per architecture and normalization; returns their colours."""
+    colors = {}
+    for arch, label in sorted({(c.arch, c.label) for c in configs}):
         line = sorted((c for c in configs if c.arch == arch and c.label == label), key=lambda c: c.images_per_device)
         xs = [c.images_per_device for c in line]
         bars = ax.errorbar(xs, [c.mean for c in line], yerr=[c.std for c in line], marker='o', capsize=3,
                            label=f'{arch} {label}')
+        colors[arch, label] = bars[0].get_color()
         for c in line:  # each seed of a configuration with several, as a faint point
             if len(c.runs) > 1:
-                ax.scatter([c.images_per_device] * len(c.runs), c.top1s, s=12, alpha=0.4,
-                           color=bars[0].get_color(), zorder=3)
+                ax.scatter([c.images_per_device] * len(c.runs), c.top1s, s=12, alpha=0.4, color=colors[arch, label],
+                           zorder=3)
     for arch in sorted({c.arch for c in configs}):
         base = baseline_of(configs, arch)
         if base is not None:  # the large-batch BN result as a reference line (and its spread over seeds)
             ax.axhline(base.mean, color='gray', linestyle='--', linewidth=1)
             if len(base.runs) > 1:
                 ax.axhspan(base.mean - base.std, base.mean + base.std, color='gray', alpha=0.15, linewidth=0)
-            ax.annotate(f'{arch} BN @ {base.images_per_device}', (1, base.mean), xycoords=('axes fraction', 'data'),
-                        ha='right', va='bottom', fontsize=8, color='gray')
+            ax.annotate(f'{arch} BN @ {base.images_per_device}', (0.01, base.mean), xycoords=('axes fraction', 'data'),
+                        ha='left', va='bottom', fontsize=8, color='gray')
     ax.set_xscale('log', base=2)
     ax.margins(x=0.15)
     sizes = sorted({c.images_per_device for c in configs})
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel('images per device')
     ax.set_ylabel('CIFAR-10 test top-1 (%)')
-    ax.set_title('Test accuracy vs. images per device' + ('\n(several seeds: mean ± 1 std, dots: each seed)'
-                                                          if several else ''))
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    return colors
+
+
+def _plot_seeds(ax, configs: Sequence[ConfigResult], colors: Dict[Tuple[str, str], Any]) -> None:
+    """The configurations with several seeds side by side, at a scale where their spread shows: each
+    seed a point (equal results side by side), the mean ± 1 std as a bar."""
+    several = sorted((c for c in configs if len(c.runs) > 1),
+                     key=lambda c: (c.arch, c.norm != 'BN', -c.images_per_device, c.label))
+    for i, c in enumerate(several):
+        color = colors[c.arch, c.label]
+        offsets = [(k - (len(c.runs) - 1) / 2) * 0.12 for k in range(len(c.runs))]
+        ax.scatter([i + o for o in offsets], c.top1s, s=22, color=color, alpha=0.7, zorder=3)
+        ax.errorbar([i], [c.mean], yerr=[c.std], fmt='_', markersize=22, capsize=5, color=color, zorder=4)
+        ax.annotate(f'{c.mean:.2f}', (i + 0.3, c.mean), va='center', fontsize=8, color=color)
+    ax.set_xticks(range(len(several)), [f'{c.arch}\n{c.label} @ {c.images_per_device}' for c in several], fontsize=8)
+    ax.set_xlim(-0.6, len(several) - 0.1)
+    ax.set_title('configurations with several seeds', fontsize=10)
+    ax.grid(True, axis='y', alpha=0.3)
+
+
+def plot(results: Sequence[RunResult], path: Path) -> None:
+    """Test top-1 against images per device (like Figure 1 of the BCN paper); where some configurations
+    have several seeds, a second panel shows just those, per seed."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    configs = group_by_config(results)
+    several = any(len(c.runs) > 1 for c in configs)
+    if several:
+        fig, (ax, seeds_ax) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw=dict(width_ratios=(2.2, 1)))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 5.2))
+    colors = _plot_sizes(ax, configs)
+    ax.set_title('Test accuracy vs. images per device' + ('\n(several seeds: mean ± 1 std, dots: each seed)'
+                                                          if several else ''), fontsize=10)
+    # below the axes: the points crowd at 1-2 images per device
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8)
+    if several:
+        _plot_seeds(seeds_ax, configs, colors)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
