@@ -197,3 +197,22 @@ def test_published_weights_are_read_from_their_model_card_and_logs_win(tmp_path,
     (broken / 'README.md').write_text('# a card without the run')
     with pytest.raises(ValueError, match='no training config'):
         cifar_results.read_run(broken)
+
+
+def test_bgn_group_recommendation_quotes_the_archived_runs():
+    """The groups note of BGN's registry entry (and so its model card) and the layer's docstring give
+    the test top-1 of the archived G = 8, 2, 1 runs, and those runs do rank as the recommendation says."""
+    from pathlib import Path
+
+    import zoo.layers.batch_group_norm
+    archive = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results' / 'cifar10_runs'
+    card = Path(zoo.hub.registry.SHIPPED_WEIGHTS_DIR) / 'resnet20_bgn.cifar10'
+    runs = {8: cifar_results.read_run(card), 2: cifar_results.read_run(archive / 'resnet20_bgn_g2'),
+            1: cifar_results.read_run(archive / 'resnet20_bgn_g1')}
+    assert {g: r.groups for g, r in runs.items()} == {8: None, 2: 2, 1: 1}  # None: the model's default, 8
+    assert all(r.images_per_device == 2 and r.devices == 64 and r.seed == 0 for r in runs.values())
+    assert runs[8].test_top1 > runs[2].test_top1 > runs[1].test_top1
+    note = zoo.hub.registry.get_entry('resnet20_bgn.cifar10').notes[0]
+    docstring = ' '.join(zoo.layers.batch_group_norm.__doc__.split())
+    for g, r in runs.items():
+        assert f'G = {g} {r.test_top1:.2f}%' in note and f'G = {g} {r.test_top1:.2f}%' in docstring, g
