@@ -226,6 +226,7 @@ def _worker(rank, port, out):
     torch.set_num_threads(1)
     try:
         torch.save({'fsdp': _fsdp_groups(rank), 'bcn': _bcn_nan_on_one_rank(rank)}, f'{out}.{rank}')
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
