@@ -290,13 +290,18 @@ SEEDS_NOTE = ('With several seeds: mean ± sample standard deviation (n - 1) of 
               'Welch\'s t-test: how often seed-to-seed variation alone would give a gap at least that large.')
 
 
+def _mean_variance(c: ConfigResult) -> float:
+    """The variance of a configuration's mean over its seeds, ``s^2 / n``."""
+    return c.std ** 2 / len(c.runs)
+
+
 def difference_std_error(a: ConfigResult, b: ConfigResult) -> float:
     """Standard error of ``a.mean - b.mean`` from the two seed spreads: ``sqrt(sa^2 / na + sb^2 / nb)``.
 
     How many standard errors seed-to-seed variation alone can give depends on the seed counts:
     :func:`welch_test` turns the ratio into a p-value.
     """
-    return (a.std ** 2 / len(a.runs) + b.std ** 2 / len(b.runs)) ** 0.5
+    return (_mean_variance(a) + _mean_variance(b)) ** 0.5
 
 
 def student_t_two_sided_p(t: float, df: float, intervals: int = 2000) -> float:
@@ -329,10 +334,10 @@ def welch_test(a: ConfigResult, b: ConfigResult) -> Optional[WelchTest]:
     variation alone gives a gap this large. None unless both have several seeds and some spread."""
     if len(a.runs) < 2 or len(b.runs) < 2:
         return None
-    va, vb = a.std ** 2 / len(a.runs), b.std ** 2 / len(b.runs)
+    va, vb = _mean_variance(a), _mean_variance(b)
     if va + vb == 0:
         return None
-    t = (a.mean - b.mean) / math.sqrt(va + vb)
+    t = (a.mean - b.mean) / difference_std_error(a, b)
     df = (va + vb) ** 2 / (va ** 2 / (len(a.runs) - 1) + vb ** 2 / (len(b.runs) - 1))
     return WelchTest(t, df, student_t_two_sided_p(t, df))
 
@@ -341,11 +346,16 @@ def _p_cell(p: float) -> str:
     return f'p = {p:.2f}' if p >= 0.01 else f'p = {p:.3f}' if p >= 0.001 else 'p < 0.001'
 
 
+def _table_order(c: ConfigResult) -> Tuple[str, bool, int, str]:
+    """By architecture; its BN first, then by images per device, largest first."""
+    return c.arch, c.norm != 'BN', -c.images_per_device, c.label
+
+
 def markdown_table(results: Sequence[RunResult]) -> str:
     configs = group_by_config(results)
     lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) | vs. large-batch BN | weights |',
              '|---|---|---|---|---|---|---|---|---|']
-    for c in sorted(configs, key=lambda c: (c.arch, c.norm != 'BN', -c.images_per_device, c.label)):
+    for c in sorted(configs, key=_table_order):
         base = baseline_of(configs, c.arch)
         if base is None or base is c:
             gap = '(baseline)' if base is c else '-'
@@ -410,8 +420,7 @@ def _plot_sizes(ax, configs: Sequence[ConfigResult]) -> Dict[Tuple[str, str], An
 def _plot_seeds(ax, configs: Sequence[ConfigResult], colors: Dict[Tuple[str, str], Any]) -> None:
     """The configurations with several seeds side by side, at a scale where their spread shows: each
     seed a point (equal results side by side), the mean ± 1 std as a bar."""
-    several = sorted((c for c in configs if len(c.runs) > 1),
-                     key=lambda c: (c.arch, c.norm != 'BN', -c.images_per_device, c.label))
+    several = sorted((c for c in configs if len(c.runs) > 1), key=_table_order)
     for i, c in enumerate(several):
         color = colors[c.arch, c.label]
         offsets = [(k - (len(c.runs) - 1) / 2) * 0.12 for k in range(len(c.runs))]
