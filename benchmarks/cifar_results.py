@@ -115,13 +115,13 @@ def _versions(run_dir: Path) -> List[Path]:
     return sorted(run_dir.glob('**/version_*'), key=lambda p: int(p.name.split('_')[-1]))
 
 
-def _last_test_top1(metrics_csv: Path) -> Optional[Tuple[float, int]]:
-    """The last logged ``test/top1`` and its step, or None."""
+def _last_test_top1(metrics_csv: Path, metric: str = 'test/top1') -> Optional[Tuple[float, int]]:
+    """The last logged ``metric`` (default ``test/top1``) and its step, or None."""
     found = None
     with open(metrics_csv, newline='') as f:
         for row in csv.DictReader(f):
-            if row.get('test/top1'):
-                found = float(row['test/top1']), int(row['step'])
+            if row.get(metric):
+                found = float(row[metric]), int(row['step'])
     return found
 
 
@@ -155,8 +155,9 @@ def read_card_run(folder: Path) -> RunResult:
     return _run_result(run, cfg, float(top1.group(1)), folder / CARD, -1)
 
 
-def read_run(run_dir: Path) -> RunResult:
-    """The final test top-1 of a run (its newest log version that has one) and its settings; a
+def read_run(run_dir: Path, metric: str = 'test/top1') -> RunResult:
+    """The final test top-1 (or another test ``metric``, e.g. ``test/miou``, kept in ``test_top1``
+    as a percentage) of a run, from its newest log version that has one, and its settings; a
     published weights folder is read from its model card (:func:`read_card_run`)."""
     if (run_dir / CARD).is_file() and not (run_dir / 'logs').is_dir():
         return read_card_run(run_dir)
@@ -166,10 +167,10 @@ def read_run(run_dir: Path) -> RunResult:
     for version in reversed(versions):
         metrics, config = version / 'metrics.csv', version / 'config.yaml'
         if metrics.is_file() and config.is_file():
-            test = _last_test_top1(metrics)
+            test = _last_test_top1(metrics, metric)
             if test is not None:
                 return _run_result(run_dir.name, yaml.safe_load(config.read_text()), test[0], version, test[1])
-    raise ValueError(f'{run_dir}: no test/top1 in any metrics.csv: did the run finish (test_after_fit)?')
+    raise ValueError(f'{run_dir}: no {metric} in any metrics.csv: did the run finish (test_after_fit)?')
 
 
 def prefer_logs(results: Sequence[RunResult]) -> List[RunResult]:

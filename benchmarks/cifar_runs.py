@@ -33,8 +33,9 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -84,13 +85,19 @@ def seed_override(config: Path, seed: int) -> Optional[Dict[str, Any]]:
     return override
 
 
+def seed_override_path(run_dir: Path) -> Path:
+    """Where a seed's second config (:func:`seed_override`) is written in its run folder."""
+    return run_dir / 'seed.yaml'
+
+
 ARCHIVE_DIR = Path('benchmarks/results/cifar10_runs')
 ARCHIVED_LOGS = ('config.yaml', 'hparams.yaml', 'metrics.csv')
 
 
-def archive_run(run_dir: Path, archive_dir: Optional[Path] = None) -> Path:
+def archive_run(run_dir: Path, archive_dir: Optional[Path] = None, extra: Sequence[str] = ()) -> Path:
     """Copy a finished run's logs (not its checkpoints) to ``archive_dir / <run>`` (default
-    :data:`ARCHIVE_DIR`), in the run folder's own layout, so ``cifar_results.py`` reads the copy as the run."""
+    :data:`ARCHIVE_DIR`), in the run folder's own layout, so ``cifar_results.py`` reads the copy as the run.
+    ``extra``: other files of the run folder to keep (glob patterns relative to it, e.g. prediction pictures)."""
     dest = (archive_dir or ARCHIVE_DIR) / run_dir.name
     for version in sorted(run_dir.glob('logs/version_*')):
         for name in ARCHIVED_LOGS:
@@ -99,15 +106,31 @@ def archive_run(run_dir: Path, archive_dir: Optional[Path] = None) -> Path:
                 shutil.copy2(version / name, dest / 'logs' / version.name / name)
     if (run_dir / 'train.log').is_file():
         shutil.copy2(run_dir / 'train.log', dest / 'train.log')
+    for pattern in extra:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_file():
+                (dest / path.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / path.relative_to(run_dir))
     return dest
 
 
-def is_finished(run_dir: Path) -> bool:
+def is_finished(run_dir: Path, metric: str = 'test/top1') -> bool:
     try:
-        read_run(run_dir)
+        read_run(run_dir, metric)
         return True
     except (FileNotFoundError, ValueError):
         return False
+
+
+@dataclass
+class Queue:
+    """What a benchmark's runs share: the test metric that marks a run finished, where finished runs'
+    logs go, the run-folder files kept with them, and a step run after each finished run
+    (``after(config, run_dir, override, threads)``, e.g. pictures of its predictions)."""
+    metric: str = 'test/top1'
+    archive_dir: Optional[Path] = None  # None: ARCHIVE_DIR
+    extra: Sequence[str] = ()
+    after: Optional[Callable[[Path, Path, Optional[Path], int], None]] = None
 
 
 def train_command(config: Path, epochs: int, resume: bool, override: Optional[Path] = None) -> List[str]:
@@ -116,18 +139,22 @@ def train_command(config: Path, epochs: int, resume: bool, override: Optional[Pa
     return cmd + (['--ckpt_path', 'last'] if resume else [])
 
 
-def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None) -> int:
+def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None, queue: Queue = Queue()) -> int:
     run_dir = run_dir_of(config, seed)
     name = f'{config} (seed {seed})' if seed is not None else str(config)
-    if is_finished(run_dir):
-        print(f'[skip] {name}: finished ({run_dir}; logs in {archive_run(run_dir)})', flush=True)
+    if is_finished(run_dir, queue.metric):
+        if queue.after is not None:  # idempotent: makes what a cut-off earlier start did not
+            override_path = seed_override_path(run_dir)
+            queue.after(config, run_dir, override_path if override_path.is_file() else None, threads)
+        print(f'[skip] {name}: finished ({run_dir}; logs in {archive_run(run_dir, queue.archive_dir, queue.extra)})',
+              flush=True)
         return 0
     resume = (run_dir / 'checkpoints' / 'last.ckpt').is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
     override = seed_override(config, seed) if seed is not None else None
     override_path = None
     if override is not None:
-        override_path = run_dir / 'seed.yaml'
+        override_path = seed_override_path(run_dir)
         override_path.write_text(f'# written by benchmarks/cifar_runs.py: {config} with seed {seed}\n'
                                  + yaml.safe_dump(override, sort_keys=False))
     cmd = train_command(config, epochs, resume, override_path)
@@ -144,14 +171,18 @@ def run_one(config: Path, epochs: int, threads: int, seed: Optional[int] = None)
         log.write(f'[cifar_runs] {outcome} after {minutes:.1f} min at {time.strftime("%Y-%m-%d %H:%M:%S %Z")}, '
                   f'threads: {threads}\n')
     print(f'[{outcome}] {name} after {minutes:.1f} min', flush=True)
-    if rc == 0 and is_finished(run_dir):
-        print(f'[archived] {name}: logs in {archive_run(run_dir)} (commit them)', flush=True)
+    if rc == 0 and is_finished(run_dir, queue.metric):
+        if queue.after is not None:
+            queue.after(config, run_dir, override_path, threads)
+        print(f'[archived] {name}: logs in {archive_run(run_dir, queue.archive_dir, queue.extra)} (commit them)',
+              flush=True)
     return rc
 
 
-def main(argv: Sequence[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('configs', nargs='*', type=Path, default=[Path(c) for c in DEFAULT_CONFIGS])
+def main(argv: Sequence[str] = None, default_configs: Sequence[str] = DEFAULT_CONFIGS, queue: Queue = Queue(),
+         description: str = __doc__) -> int:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('configs', nargs='*', type=Path, default=[Path(c) for c in default_configs])
     parser.add_argument('--epochs', type=int, required=True, help='the one schedule shared by every run')
     parser.add_argument('--jobs', type=int, default=2, help='runs side by side')
     parser.add_argument('--threads', type=int, default=None, help='threads per run (default: cores / jobs)')
@@ -162,7 +193,7 @@ def main(argv: Sequence[str] = None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     runs = [(c, seed) for c in args.configs for seed in (args.seeds or [None])]
     with ThreadPoolExecutor(args.jobs) as pool:
-        codes = list(pool.map(lambda run: run_one(run[0], args.epochs, threads, run[1]), runs))
+        codes = list(pool.map(lambda run: run_one(run[0], args.epochs, threads, run[1], queue), runs))
     return max(codes, default=0)
 
 

@@ -148,6 +148,8 @@ class SemanticSegmenter(pl.LightningModule):
         self.train_metrics = segmentation_metrics(num_classes, 'train/', ignore_index)
         self.val_metrics = segmentation_metrics(num_classes, 'val/', ignore_index)
         self.test_metrics = segmentation_metrics(num_classes, 'test/', ignore_index)
+        # each class's IoU on the test split, logged as test/iou_<class index> (the mean hides the rare classes)
+        self.test_class_iou = MulticlassJaccardIndex(num_classes, average='none', ignore_index=ignore_index)
 
     # Shared with the classifier: virtual-device bookkeeping, the non-finite-loss stop, RNG states in
     # checkpoints (exact resume), optimizer and per-iteration schedule.
@@ -210,13 +212,16 @@ class SemanticSegmenter(pl.LightningModule):
             out.append(li[0])
         return out
 
-    def _eval_step(self, batch: Dict[str, Any], metrics: MetricCollection, prefix: str) -> None:
+    def _eval_step(self, batch: Dict[str, Any], metrics: MetricCollection, prefix: str,
+                   class_iou: Optional[MulticlassJaccardIndex] = None) -> None:
         masks = batch['mask']
         logits = self.per_image_logits(batch, [m.shape[-2:] for m in masks])
         loss = torch.stack([self._loss(li[None], m[None]) for li, m in zip(logits, masks)]).mean()
         self.log(f'{prefix}loss', loss, sync_dist=True, batch_size=len(masks))
         for li, m in zip(logits, masks):
             update_metrics(metrics, li.argmax(0)[None], m[None])
+            if class_iou is not None:
+                update_metrics(class_iou, li.argmax(0)[None], m[None])
         self.log_dict(metrics, prog_bar=prefix == 'val/', batch_size=len(masks))
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -232,7 +237,13 @@ class SemanticSegmenter(pl.LightningModule):
                   f'(step {self.global_step})', flush=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, 'test/')
+        self._eval_step(batch, self.test_metrics, 'test/', self.test_class_iou)
+
+    def on_test_epoch_end(self) -> None:
+        """Log each class's test IoU as ``test/iou_<index>`` (synced across processes by torchmetrics)."""
+        for c, iou in enumerate(self.test_class_iou.compute().tolist()):
+            self.log(f'test/iou_{c}', iou)
+        self.test_class_iou.reset()
 
     def on_predict_start(self) -> None:
         from .predict import SegmentationWriter
