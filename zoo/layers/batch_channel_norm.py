@@ -23,6 +23,9 @@ path is kept for a ``'batch'`` stage in training and when the batch stage has ho
 Eval folding: in a zoo model in eval with autograd off, the WS conv before this layer applies the
 batch-stage affine itself (:mod:`zoo.layers.eval_folding`) and this layer runs only its channel
 stage, one ``group_norm``: as fast as GN, with the outputs of the unfolded layer.
+
+FX and TorchScript: under any FX tracer the layer is one ``call_module`` node (:mod:`zoo.layers.fx_leaf`),
+which runs this forward, fast paths included. Scripted, it runs the plain two stages.
 """
 import math
 
@@ -34,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
 from .eval_folding import take_folded, tensors_state
+from .fx_leaf import fx_leaf_call
 
 __all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'running_stats_affine', 'set_bcn_batch_stage']
 
@@ -124,6 +128,11 @@ class BatchChannelNorm2d(nn.Module):
         return bn.affine_coefficients() if isinstance(bn, EstimatedBatchNorm2d) else running_stats_affine(bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the two stages: no fused kernel, folding or caches (Python state)
+            return F.group_norm(self.bn(x), self.num_groups, *self.channel_affine(), self.eps)
+        traced = fx_leaf_call(self, x)
+        if traced is not None:
+            return traced
         channel_affine = take_folded(self, x)
         if channel_affine is not None:  # the conv before applied the batch stage (eval folding)
             return self._channel_stage(x, channel_affine)

@@ -22,12 +22,19 @@ device (ResNet-20, 15 epochs, seed 0; README table) fewer groups were worse at e
 and scales, as in LayerNorm (G = 1) against GroupNorm. So the defaults (32 here, 8 in the CIFAR
 ResNets) are also the zoo's micro-batch recommendation; at 1-2 images per device, WS+BCN
 (84.4-84.8% there, four seeds) is the better choice than BGN at any of these G.
+
+FX and TorchScript: under any FX tracer the layer is one ``call_module`` node (:mod:`zoo.layers.fx_leaf`),
+so traced graphs update the running statistics as eager does. Scripted, a skipped update is
+counted but not warned about.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .fx_leaf import fx_leaf_call
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
 __all__ = ['BatchGroupNorm2d']
@@ -75,26 +82,36 @@ class BatchGroupNorm2d(nn.Module):
         load_skip_counter(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            traced = fx_leaf_call(self, x)
+            if traced is not None:
+                return traced
         if x.ndim != 4:
-            raise ValueError(f'BatchGroupNorm2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
+            raise ValueError(f'BatchGroupNorm2d expects a 4-D (N, C, H, W) input, got shape {list(x.shape)}')
         if x.shape[0] == 0:  # no samples (a detector head without regions): no statistics, nothing to update
-            return x + sum(p.sum() for p in self.parameters()) * 0.
-        if not self.training and self.track_running_stats:
+            return x + (self.weight.sum() + self.bias.sum()) * 0.
+        running_mean, running_var = self.running_mean, self.running_var
+        if not self.training and running_mean is not None and running_var is not None:
             # Inference: running statistics make the layer one per-channel affine (a single pass).
             # batch_norm's eval kernel with zero mean, unit variance and eps 0 is x * scale + shift.
             scale, shift = self.affine_coefficients()
             if x.dtype != scale.dtype:  # e.g. bf16 activations, float32 parameters: float32 out, as before
                 return (x * scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
-            stats = scale.new_zeros(self.num_channels), scale.new_ones(self.num_channels)
-            return F.batch_norm(x, *stats, scale, shift, False, 0., 0.)
+            zeros, ones = scale.new_zeros(self.num_channels), scale.new_ones(self.num_channels)
+            return F.batch_norm(x, zeros, ones, scale, shift, False, 0., 0.)
         # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
         grouped = x.reshape(x.shape[0], self.num_groups, -1)
-        tracking = self.training and self.track_running_stats
         # batch_norm updates copies (autograd may keep them for backward); the buffers take them if finite.
-        running = (self.running_mean.clone(), self.running_var.clone()) if tracking else (None, None)
-        y = F.batch_norm(grouped, *running, None, None, training=True, momentum=self.momentum, eps=self.eps)
-        if tracking:
-            self._keep_finite_running_stats(*running)
+        mean: Optional[torch.Tensor] = None
+        var: Optional[torch.Tensor] = None
+        if self.training and running_mean is not None and running_var is not None:
+            mean, var = running_mean.clone(), running_var.clone()
+        y = F.batch_norm(grouped, mean, var, None, None, training=True, momentum=self.momentum, eps=self.eps)
+        if mean is not None and var is not None:
+            if torch.jit.is_scripting():
+                self._keep_finite_scripted(mean, var)
+            else:
+                self._keep_finite_running_stats(mean, var)
         weight, bias = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
         return (y.view_as(x) * weight).add_(bias)  # in-place add: one temporary less
 
@@ -104,11 +121,23 @@ class BatchGroupNorm2d(nn.Module):
         keep_finite_update(self, finite, ((self.running_mean, mean), (self.running_var, var)))
         self.num_batches_tracked.add_(finite.long())
 
+    def _keep_finite_scripted(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """:meth:`_keep_finite_running_stats` in TorchScript (a skip is counted, not warned about)."""
+        with torch.no_grad():
+            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            running_mean, running_var = self.running_mean, self.running_var
+            if running_mean is not None and running_var is not None:
+                running_mean.copy_(torch.where(finite, mean, running_mean))
+                running_var.copy_(torch.where(finite, var, running_var))
+                self.num_skipped_updates.add_((~finite).long())
+                self.num_batches_tracked.add_(finite.long())
+
     def affine_coefficients(self):
         """``(scale, shift)`` per channel: the eval-mode layer is ``x * scale + shift``."""
-        if self.running_var is None:
+        running_mean, running_var = self.running_mean, self.running_var  # locals: TorchScript refines them
+        if running_mean is None or running_var is None:
             raise RuntimeError('BatchGroupNorm2d without running statistics is no fixed affine in eval')
         per_group = self.num_channels // self.num_groups
-        rstd = torch.rsqrt(self.running_var + self.eps).repeat_interleave(per_group)
+        rstd = torch.rsqrt(running_var + self.eps).repeat_interleave(per_group)
         scale = self.weight * rstd
-        return scale, self.bias - self.running_mean.repeat_interleave(per_group) * scale
+        return scale, self.bias - running_mean.repeat_interleave(per_group) * scale

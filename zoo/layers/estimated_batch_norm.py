@@ -20,6 +20,10 @@ An update whose statistics are not finite (a NaN or inf in the batch) is skipped
 non-persistent ``num_skipped_updates`` buffer and warned about (:mod:`zoo.layers.nonfinite_stats`),
 so one bad sample cannot poison the estimates, and with them every later output.
 
+FX and TorchScript: under any FX tracer the layer is one ``call_module`` node (:mod:`zoo.layers.fx_leaf`),
+so traced graphs update the estimates as eager does. Scripted, training updates the estimates
+from the exact (Welford) moments of this process's batch: no all-reduce, no warning of a skip.
+
 Under ``torch.distributed`` the per-channel sums are all-reduced inside the layer (one
 all-reduce per update), so every process sees the statistics of the global batch and the
 estimates stay identical on every rank; DDP's buffer broadcast then changes nothing. This class
@@ -34,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .fx_leaf import fx_leaf_call
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
 __all__ = ['EstimatedBatchNorm2d', 'sample_channel_moments']
@@ -71,9 +76,37 @@ def sample_channel_moments(x: torch.Tensor):
 
 
 def _welford_moments(x: torch.Tensor):
-    n, c, h, w = x.shape
-    _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, h * w, c, 0.)
+    n, c = x.shape[0], x.shape[1]  # indexed, not unpacked: TorchScript-compatible
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, x.shape[2] * x.shape[3], c, 0.)
     return mean, rstd.pow(-2)  # eps 0: rstd = var ** -0.5 (inf for a constant channel, giving var 0)
+
+
+def _moment_sums(mean: torch.Tensor, var: torch.Tensor, count: int, running_mean: torch.Tensor) -> torch.Tensor:
+    """Per channel, the sums of ``x - mu_hat`` and ``(x - mu_hat)^2``, then the element count: one
+    tensor (one all-reduce), from per-row moments of ``count`` elements each (see ``update_from_moments``)."""
+    c = running_mean.shape[0]
+    mean, var = mean.reshape(-1, c), var.reshape(-1, c)
+    shift = mean - running_mean.to(mean.dtype)
+    total = torch.full((1,), shift.shape[0] * count, dtype=mean.dtype, device=mean.device)
+    return torch.cat([shift.sum(0) * count, (var + shift.square()).sum(0) * count, total])
+
+
+def _updated_estimates(stats: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                       num_batches_tracked: torch.Tensor, momentum: float):
+    """``(finite, apply, mean, var)``: the estimates after an update with :func:`_moment_sums`'s
+    ``stats``, whether those were finite, and whether to keep the update (finite and not empty)."""
+    c = running_mean.shape[0]
+    n = stats[-1]
+    shift = stats[:c] / n                       # mu_b - mu_hat
+    var_around_prev = stats[c:2 * c] / n
+    first = num_batches_tracked == 0
+    var_b = torch.where(first, var_around_prev - shift.square(), var_around_prev).clamp_(min=0.)
+    rate = (1. / (num_batches_tracked + 1).float()).clamp(min=momentum)
+    # A NaN / inf anywhere in the (all-reduced, so on every rank the same) statistics skips the
+    # whole update; an empty batch changes nothing either. Decided on device (see nonfinite_stats).
+    finite = torch.isfinite(stats).all()
+    apply = finite & (n > 0)
+    return finite, apply, running_mean + rate * shift, running_var + rate * (var_b - running_var)
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
@@ -132,28 +165,26 @@ class EstimatedBatchNorm2d(nn.Module):
         layer that already has per-sample moments (BCN) updates the estimates without another
         pass over the activations.
         """
-        c = self.num_features
-        mean, var = mean.reshape(-1, c), var.reshape(-1, c)
-        # Sums of (x - mu_hat) and (x - mu_hat)^2 per channel, from each row's moments.
-        shift = mean - self.running_mean.to(mean.dtype)
-        total = torch.full((1,), shift.shape[0] * count, dtype=mean.dtype, device=mean.device)
-        stats = torch.cat([shift.sum(0) * count, (var + shift.square()).sum(0) * count, total])
+        stats = _moment_sums(mean, var, count, self.running_mean)
         if _distributed_world(self.process_group):
             dist.all_reduce(stats, group=self.process_group)
-        n = stats[-1]
-        shift = stats[:c] / n                       # mu_b - mu_hat
-        var_around_prev = stats[c:2 * c] / n
-        first = self.num_batches_tracked == 0
-        var_b = torch.where(first, var_around_prev - shift.square(), var_around_prev).clamp_(min=0.)
-        rate = (1. / (self.num_batches_tracked + 1).float()).clamp(min=self.momentum)
-        # A NaN / inf anywhere in the (all-reduced, so on every rank the same) statistics skips the
-        # whole update; an empty batch changes nothing either. Decided on device (see nonfinite_stats).
-        finite = torch.isfinite(stats).all()
-        apply = finite & (n > 0)
-        keep_finite_update(self, finite, (
-            (self.running_mean, self.running_mean + rate * shift),
-            (self.running_var, self.running_var + rate * (var_b - self.running_var))), apply)
+        finite, apply, new_mean, new_var = _updated_estimates(
+            stats, self.running_mean, self.running_var, self.num_batches_tracked, self.momentum)
+        keep_finite_update(self, finite, ((self.running_mean, new_mean), (self.running_var, new_var)), apply)
         self.num_batches_tracked.add_(apply.long())
+
+    def _update_estimates_scripted(self, x: torch.Tensor) -> None:
+        """:meth:`update_estimates` in TorchScript: Welford moments, local batch, skips counted silently."""
+        with torch.no_grad():
+            x = x.detach()
+            mean, var = _welford_moments(x.to(torch.promote_types(x.dtype, torch.float32)))
+            stats = _moment_sums(mean, var, x.shape[2] * x.shape[3], self.running_mean)
+            finite, apply, new_mean, new_var = _updated_estimates(
+                stats, self.running_mean, self.running_var, self.num_batches_tracked, self.momentum)
+            self.running_mean.copy_(torch.where(apply, new_mean, self.running_mean))
+            self.running_var.copy_(torch.where(apply, new_var, self.running_var))
+            self.num_skipped_updates.add_((~finite).long())
+            self.num_batches_tracked.add_(apply.long())
 
     def affine_coefficients(self):
         """``(scale, shift)`` per channel: the layer is ``x * scale + shift`` with the current estimates.
@@ -169,9 +200,16 @@ class EstimatedBatchNorm2d(nn.Module):
         return scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            traced = fx_leaf_call(self, x)
+            if traced is not None:
+                return traced
         if x.ndim != 4:
-            raise ValueError(f'{type(self).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
+            raise ValueError(f'EstimatedBatchNorm2d expects a 4-D (N, C, H, W) input, got shape {list(x.shape)}')
         if self.training:
-            self.update_estimates(x)
+            if torch.jit.is_scripting():
+                self._update_estimates_scripted(x)
+            else:
+                self.update_estimates(x)
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, training=False, momentum=0., eps=self.eps)

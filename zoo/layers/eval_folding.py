@@ -20,6 +20,7 @@ How it is kept safe:
 """
 import functools
 import threading
+import types
 import weakref
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -131,14 +132,24 @@ def fold_conv_norms(model: nn.Module):
 
 
 def folds_in_eval(method):
-    """Decorator for a model's forward methods: run them under :func:`fold_conv_norms` when it applies."""
-    @functools.wraps(method)
+    """Decorator for a model's forward methods: run them under :func:`fold_conv_norms` when it applies.
+
+    ``torch.jit.script`` compiles the undecorated method (it finds the source through ``__wrapped__``),
+    so a scripted model runs unfolded, but it resolves the method's global names in the globals of
+    the function it was given: the wrapper is therefore built with the method's globals, and reaches
+    its own helpers through its closure only.
+    """
+    applies, fold = folding_applies, fold_conv_norms
+
     def forward_folded(self, *args, **kwargs):
-        if not folding_applies(self):
+        if not applies(self):
             return method(self, *args, **kwargs)
-        with fold_conv_norms(self):
+        with fold(self):
             return method(self, *args, **kwargs)
-    return forward_folded
+
+    wrapper = types.FunctionType(forward_folded.__code__, method.__globals__, method.__name__,
+                                 forward_folded.__defaults__, forward_folded.__closure__)
+    return functools.wraps(method)(wrapper)
 
 
 def fold_target(conv: nn.Module) -> Optional[nn.Module]:

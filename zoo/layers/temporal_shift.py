@@ -5,11 +5,16 @@ Frames of a clip are folded into the batch, ``(B * T, C, H, W)``. Before a resid
 one frame forward, and the rest stays; the frames shifted in past either end of the clip are zeros.
 The shift has no parameters, so a 2D network keeps its state-dict keys and loads 2D weights
 unchanged.
+
+FX: :class:`TemporalShift` is one ``call_module`` node under every tracer (:mod:`zoo.layers.fx_leaf`);
+:func:`temporal_shift` is TorchScript-compatible.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
+
+from .fx_leaf import fx_leaf_call
 
 __all__ = ['TemporalShift', 'temporal_shift', 'add_temporal_shift']
 
@@ -18,7 +23,7 @@ def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> to
     """Shift channel groups of ``x`` (``(B * num_segments, C, H, W)``) along time; zero padding."""
     if num_segments == 1:
         return x
-    nt, c = x.shape[:2]
+    nt, c = x.shape[0], x.shape[1]
     if nt % num_segments:
         raise ValueError(f'temporal_shift: batch of {nt} frames is not a whole number of {num_segments}-frame clips')
     x = x.unflatten(0, (-1, num_segments))  # (B, T, C, H, W)
@@ -50,6 +55,10 @@ class TemporalShift(nn.Module):
         return f'num_segments={self.num_segments}, shift_div={self.shift_div}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            traced = fx_leaf_call(self, x)
+            if traced is not None:
+                return traced
         return temporal_shift(x, self.num_segments, self.shift_div)
 
     def shift_input(self, module: nn.Module, args: tuple) -> tuple:

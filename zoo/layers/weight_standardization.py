@@ -20,22 +20,22 @@ name       s =                              used by
 Why ``zoo`` as the default: eps inside the root never divides by zero (the authors agreed it
 belongs there after NaN reports), and the biased variance stays defined for a fan-in of one.
 """
-from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .eval_folding import fold_target, mark_folded, tensors_state
 
-__all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight', 'WSConv2d']
+__all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight',
+           'standardize_conv_weight', 'WSConv2d']
 
 
-@dataclass(frozen=True)
-class WSFormula:
-    """How the per-output-channel scale ``s`` is computed."""
+class WSFormula(NamedTuple):
+    """How the per-output-channel scale ``s`` is computed (a NamedTuple: TorchScript reads its fields)."""
     eps: float
     unbiased: bool
     eps_in_sqrt: bool
@@ -69,22 +69,33 @@ def _per_output_rows(weight: torch.Tensor) -> torch.Tensor:
 def _as_weight(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Undo :func:`_per_output_rows`, keeping ``weight``'s memory format."""
     if weight.ndim == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
-        o, i, kh, kw = weight.shape
-        return rows.view(o, kh, kw, i).permute(0, 3, 1, 2)
+        shape = weight.shape  # indexed, not unpacked: TorchScript cannot unpack a shape of unknown length
+        return rows.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
     return rows.view_as(weight)
+
+
+@torch.fx.wrap
+def standardize_conv_weight(weight: torch.Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool) -> torch.Tensor:
+    """Standardize a conv weight per output channel (dim 0): ``(w - mean) / s`` with ``s`` as the formula's fields say.
+
+    One FX node (``torch.fx.wrap``), run on the real weight: it branches on the weight's memory
+    format, which a traced graph cannot. Plain arguments and TorchScript-compatible, so a traced
+    graph scripts too; quantize_fx observes (and quantizes) its output, the standardized weight.
+    """
+    flat = _per_output_rows(weight)
+    if eps_in_sqrt and not unbiased:
+        # One fused kernel; identical to the explicit formula below.
+        rows = F.batch_norm(flat.unsqueeze(0), None, None, training=True, momentum=0., eps=eps)
+        return _as_weight(rows.squeeze(0), weight)
+    var, mean = torch.var_mean(flat, dim=1, correction=int(unbiased), keepdim=True)
+    scale = (var + eps).sqrt() if eps_in_sqrt else var.sqrt() + eps
+    return _as_weight((flat - mean) / scale, weight)
 
 
 def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> torch.Tensor:
     """Standardize a conv weight per output channel (dim 0) with the given formula."""
     f = resolve_ws_formula(formula)
-    flat = _per_output_rows(weight)
-    if f.eps_in_sqrt and not f.unbiased:
-        # One fused kernel; identical to the explicit formula below.
-        rows = F.batch_norm(flat.unsqueeze(0), None, None, training=True, momentum=0., eps=f.eps)
-        return _as_weight(rows.squeeze(0), weight)
-    var, mean = torch.var_mean(flat, dim=1, correction=int(f.unbiased), keepdim=True)
-    scale = (var + f.eps).sqrt() if f.eps_in_sqrt else var.sqrt() + f.eps
-    return _as_weight((flat - mean) / scale, weight)
+    return standardize_conv_weight(weight, f.eps, f.unbiased, f.eps_in_sqrt)
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
@@ -104,7 +115,12 @@ class WSConv2d(nn.Conv2d):
     Eval folding (:mod:`zoo.layers.eval_folding`): when the model folds the BCN that follows this
     conv, the cached weight and bias also carry that BCN's batch-stage affine (and the cache holds
     the BCN's channel-stage affine), recomputed when either layer's parameters or statistics change.
+
+    Traced by FX (``torch.fx.symbolic_trace``, torchvision's feature extractor, quantize_fx), it is
+    two nodes, :func:`standardize_conv_weight` and the conv; timm's tracer keeps it one module.
+    Scripted, it standardizes at every call (the caches are Python state).
     """
+    ws_formula: WSFormula  # declared for TorchScript, which then reads its fields
 
     def __init__(self, *args, ws_formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA, **kwargs):
         super().__init__(*args, **kwargs)
@@ -162,6 +178,9 @@ class WSConv2d(nn.Conv2d):
         return cache[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            f = self.ws_formula
+            return self._conv_forward(x, standardize_conv_weight(self.weight, f.eps, f.unbiased, f.eps_in_sqrt), self.bias)
         norm = fold_target(self)
         if norm is not None and x.ndim == 4 and x.shape[0] > 0 and not self.training and not torch.is_grad_enabled():
             weight, bias, channel_affine = self.folded_params(norm)

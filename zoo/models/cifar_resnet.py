@@ -89,11 +89,18 @@ class CifarResNet(FoldsConvNormsInEval, ResNet):
     def _stages(self) -> List[nn.Module]:
         return [getattr(self, n) for n in self.stage_names]
 
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``CifarResNet``)."""
+        return check_image_batch('CifarResNet' if torch.jit.is_scripting() else type(self).__name__, x, self.in_chans)
+
     @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_image_batch(type(self).__name__, x, self.in_chans)
-        x = self.act1(self.bn1(self.conv1(x)))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        x = self.act1(self.bn1(self.conv1(self._checked(x))))
+        if torch.jit.is_scripting():  # TorchScript looks attributes up by literal name only: the three stages
+            if len(self.stage_names) != 3:
+                raise RuntimeError('a scripted CifarResNet runs three stages (layer1..layer3)')
+            return self.layer3(self.layer2(self.layer1(x)))
+        if self.grad_checkpointing:
             return checkpoint_seq(self._stages(), x, flatten=True)
         for stage in self._stages():
             x = stage(x)
@@ -111,7 +118,7 @@ class CifarResNet(FoldsConvNormsInEval, ResNet):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Features of the stem (index 0) and of each stage (1..3)."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        x = check_image_batch(type(self).__name__, x, self.in_chans)
+        x = self._checked(x)
         take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))

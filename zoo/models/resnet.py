@@ -35,7 +35,7 @@ from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, 
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from ._weights import build_zoo_model
 
-__all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values']
+__all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values', 'shape_text']
 
 
 @register_notrace_function
@@ -45,28 +45,35 @@ def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> torch.
     Branches on the input's shape and dtype, so FX records it as one call (timm's notrace
     functions; ``torch.fx.wrap`` below for the methods that call it) and runs it on real tensors.
     Callers use the returned ``x``, so graph passes that drop unused nodes keep the check.
+    TorchScript-compatible, so scripted models (and scripted FX graphs) keep it too.
     """
     if x.ndim != 4:
         hint = ' (a single image? add the batch dimension with x.unsqueeze(0))' if x.ndim == 3 else ''
-        raise ValueError(f'{model_name} expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}{hint}')
+        raise ValueError(f'{model_name} expects a 4-D (N, C, H, W) image batch, got shape {shape_text(x)}{hint}')
     check_batch_values(model_name, x, 'image batch')
     if x.shape[1] != in_chans:
         raise ValueError(
-            f'{model_name} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); '
+            f'{model_name} expects {in_chans} input channels, got {x.shape[1]} (input shape {shape_text(x)}); '
             f'create the model with in_chans={x.shape[1]} to change its stem')
     return x
+
+
+def shape_text(x: torch.Tensor) -> str:
+    """``str(tuple(x.shape))``, also in TorchScript (which has no tuples of unknown length)."""
+    return '(' + ', '.join([str(d) for d in x.shape]) + (',)' if x.ndim == 1 else ')')
 
 
 def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
     """A floating-point batch of at least one sample (shape and dtype only: no look at the values)."""
     if not x.is_floating_point():
+        dtype = 'not floating-point' if torch.jit.is_scripting() else str(x.dtype)  # TorchScript prints a number
         raise TypeError(
-            f'{model_name} expects a floating-point {kind}, got dtype {x.dtype} (shape {tuple(x.shape)}): convert '
+            f'{model_name} expects a floating-point {kind}, got dtype {dtype} (shape {shape_text(x)}): convert '
             f'and normalize it first, e.g. (x.float() / 255 - mean) / std with the mean and std of '
             f'model.pretrained_cfg, or timm.data.create_transform(**timm.data.resolve_data_config(model=model))')
     if x.shape[0] == 0:
         raise ValueError(
-            f'{model_name} got an empty {kind} (shape {tuple(x.shape)}): there is nothing to compute; '
+            f'{model_name} got an empty {kind} (shape {shape_text(x)}): there is nothing to compute; '
             f'skip empty batches before calling the model')
 
 
@@ -91,15 +98,21 @@ class ZooResNet(FoldsConvNormsInEval, ResNet):
         if norm_variant.ws:
             convert_to_ws(self, ws_formula)
 
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``ZooResNet``)."""
+        return check_image_batch('ZooResNet' if torch.jit.is_scripting() else type(self).__name__, x, self.in_chans)
+
     @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_image_batch(type(self).__name__, x, self.in_chans)
+        x = self._checked(x)
+        if torch.jit.is_scripting():  # TorchScript has no super(): timm's ResNet.forward_features, spelled out
+            x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return super().forward_features(x)
 
     @folds_in_eval
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        x = check_image_batch(type(self).__name__, x, self.in_chans)
-        return super().forward_intermediates(x, *args, **kwargs)
+        return super().forward_intermediates(self._checked(x), *args, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
