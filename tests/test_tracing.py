@@ -1,9 +1,14 @@
-"""Tracing: torch.fx (as timm's own model tests do it), torch.export and the meta device.
+"""Tracing: torch.fx (with timm's notrace lists, as timm's own model tests trace, and plain), TorchScript,
+torch.export and the meta device.
 
 The zoo's layers are timm notrace modules (FX records them as one call and runs their forward,
-with its training-mode branches, at run time); the input checks are notrace functions.
+with its training-mode branches, at run time); the input checks are notrace functions. Without
+timm's lists (``torch.fx.symbolic_trace``, torchvision's extractor, quantize_fx) the norms still
+record themselves as one node (:mod:`zoo.layers.fx_leaf`) and WS convs trace to a standardization
+node and a conv. Model-level checks of both, and timm's model tests: test_timm_citizen.py.
 """
 import copy
+import functools
 
 import pytest
 import timm
@@ -13,8 +18,11 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import zoo  # noqa: F401 (registers the zoo models in timm)
 from zoo.layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d
-from zoo.models import NORM_VARIANTS, ZOO_MODELS
+from zoo.layers.temporal_shift import TemporalShift
+from zoo.models import NORM_VARIANTS, ZOO_MODELS, ZOO_TSM_MODELS
 from zoo.models.tsm import TSM_VARIANTS
+
+pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:FutureWarning')
 
 FX_KWARGS = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
 
@@ -139,6 +147,92 @@ def test_fx_graph_keeps_the_input_checks():
     video = _fx_model(timm.create_model('tsm_resnet18_wsgn', num_segments=2, num_classes=3).eval())
     with pytest.raises(ValueError, match=r'\(B, T, C, H, W\)'):
         video(torch.randn(1, 2, 3, 16, 16))
+
+
+# --- plain FX (no timm lists) and TorchScript, layer by layer ------------------------------------
+
+def _train_step(model, x):
+    out = model(x)
+    out.square().mean().backward()
+    return out
+
+
+@pytest.mark.parametrize('build', [torch.fx.symbolic_trace, torch.jit.script], ids=['symbolic_trace', 'script'])
+def test_plain_fx_and_torchscript_of_every_layer_give_eager_outputs_gradients_and_statistics(build):
+    """FX graphs run the norms' own forward: exactly eager's. Scripted layers run plain paths (two-stage BCN,
+    Welford moments for the estimates): equal to float32 rounding."""
+    exact = build is torch.fx.symbolic_trace
+    check = torch.equal if exact else functools.partial(torch.allclose, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 3, 8, 8) * 2 + 0.5
+    eager = _off_init(_layer_stack()).train()
+    eager(torch.randn(2, 3, 8, 8))  # statistics off their init
+    traced = build(copy.deepcopy(eager))
+    for _ in range(2):
+        eager.zero_grad()
+        traced.zero_grad()
+        assert check(_train_step(traced, x), _train_step(eager, x))
+        params = dict(traced.named_parameters())
+        for n, p in eager.named_parameters():
+            assert check(params[n].grad, p.grad), n
+        buffers = dict(traced.named_buffers())
+        for n, b in eager.named_buffers():
+            assert check(buffers[n], b), n
+    eager.eval()
+    traced.eval()  # a graph traced in train mode: the norms switch at run time, as torch's BatchNorm does
+    with torch.no_grad():
+        assert check(traced(x), eager(x))
+
+
+def test_scripted_layers_skip_non_finite_updates_and_count_them():
+    model = torch.jit.script(_off_init(_layer_stack()).train())
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float('nan')
+    model(x)
+    buffers = dict(model.named_buffers())
+    for n in before:  # the zoo layers kept their statistics and counted the skip; torch's BatchNorm does not skip
+        if n.startswith(('1.', '4.', '8.')) and n.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            assert torch.equal(buffers[n], before[n]), n
+        if n.endswith('num_skipped_updates'):
+            assert int(buffers[n]) == 1, n
+
+
+def test_torchscript_of_layer_options():
+    """BGN without running statistics, estimated BN without affine, a channels_last WS conv and TSM's shift script
+    and trace too; a norm traced on its own (not in a model) says how to trace it."""
+    x = torch.randn(2, 8, 6, 6)
+    for layer in (BatchGroupNorm2d(8, num_groups=2, track_running_stats=False), EstimatedBatchNorm2d(8, affine=False),
+                  WSConv2d(8, 4, 3, ws_formula='bit').to(memory_format=torch.channels_last),
+                  TemporalShift(2, shift_div=4)):
+        for train in (True, False):
+            eager = layer.train(train)
+            scripted = torch.jit.script(copy.deepcopy(eager))
+            traced = torch.fx.symbolic_trace(torch.nn.Sequential(copy.deepcopy(eager)))
+            want = eager(x)
+            torch.testing.assert_close(scripted(x), want, rtol=1e-5, atol=1e-6)
+            assert torch.equal(traced(x), want)
+    with pytest.raises(torch.fx.proxy.TraceError, match=r'symbolic_trace\(nn.Sequential\(layer\)\)'):
+        torch.fx.symbolic_trace(BatchChannelNorm2d(8, num_groups=2))
+
+
+@pytest.mark.parametrize('name', [n if n == 'tsm_resnet18_wsbcn' else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ZOO_TSM_MODELS])
+def test_plain_fx_of_video_models_equals_eager(name):
+    """TSM's temporal shift (a forward pre-hook of each block's first conv) is one node of a plain FX graph too."""
+    x = torch.randn(1, 3, 4, 32, 32) * 2 + 0.5
+    eager = _model(name, dict(num_segments=4, num_classes=5)).train()
+    for traced, run in ((torch.fx.symbolic_trace(copy.deepcopy(eager)), lambda m: m(x)),
+                        (create_feature_extractor(copy.deepcopy(eager), return_nodes={'fc': 'out'}), lambda m: m(x)['out'])):
+        model = copy.deepcopy(eager).train()
+        traced.train()
+        assert torch.equal(run(traced), model(x))
+        assert all(torch.equal(b, dict(traced.named_buffers())[n]) for n, b in model.named_buffers())
+        model.eval()
+        traced.eval()
+        with torch.enable_grad():
+            assert torch.equal(run(traced), model(x))
+    nodes = [n.target for n in torch.fx.symbolic_trace(eager).graph.nodes if n.op == 'call_module']
+    assert 'layer1.0.temporal_shift' in nodes or 'bn' in name
 
 
 # --- torch.export ---------------------------------------------------------------------------

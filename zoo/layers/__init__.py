@@ -6,6 +6,8 @@ from .batch_channel_norm import BCN_BATCH_STAGES, BatchChannelNorm2d, running_st
 from .batch_group_norm import BatchGroupNorm2d
 from .estimated_batch_norm import EstimatedBatchNorm2d
 from .eval_folding import FoldsConvNormsInEval, conv_norm_pairs, fold_conv_norms, folds_in_eval
+from .fx_leaf import fx_leaf_call
 from .nonfinite_stats import NonFiniteStatisticsWarning, name_stat_layers, skipped_updates
 from .weight_standardization import (
-    DEFAULT_WS_FORMULA, WS_FORMULAS, WSConv2d, WSFormula, convert_to_ws, resolve_ws_formula, standardize_weight)
+    DEFAULT_WS_FORMULA, WS_FORMULAS, WSConv2d, WSFormula, convert_to_ws, resolve_ws_formula, standardize_conv_weight,
+    standardize_weight)

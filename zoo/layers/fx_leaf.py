@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.proxy import TraceError
 
 __all__ = ['fx_leaf_call']
 
@@ -23,5 +24,9 @@ def fx_leaf_call(module: nn.Module, x) -> Optional[torch.fx.Proxy]:
     """``module(x)`` as one FX ``call_module`` node when ``x`` is traced by an FX tracer, else None."""
     if isinstance(x, torch.fx.Proxy) and isinstance(x.tracer, torch.fx.Tracer):
         tracer = x.tracer
-        return tracer.create_proxy('call_module', tracer.path_of_module(module), (x,), {})
+        path = tracer.path_of_module(module)
+        if not path:  # the traced root itself: a graph cannot call itself as a module
+            raise TraceError(f'{type(module).__name__} becomes one node of the graph of a module that holds it: '
+                             f'trace that module, e.g. torch.fx.symbolic_trace(nn.Sequential(layer))')
+        return tracer.create_proxy('call_module', path, (x,), {})
     return None
