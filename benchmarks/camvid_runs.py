@@ -26,8 +26,9 @@ PICTURE_FRAMES = ('0001TP_008550', '0001TP_010320', 'Seq05VD_f01710', 'Seq05VD_f
 PICTURES = 'pictures'  # in the run folder: masks/<frame>.png (class indices, CamVid colours in the picture)
 
 
-def picture_frames_dir(root: Path = CAMVID, frames: Sequence[str] = PICTURE_FRAMES) -> Path:
+def picture_frames_dir(root: Optional[Path] = None, frames: Sequence[str] = PICTURE_FRAMES) -> Path:
     """A folder of links to the picture frames (predict reads a folder), in ``runs/camvid/``."""
+    root = root or CAMVID
     folder = Path('runs/camvid/picture_frames')
     folder.mkdir(parents=True, exist_ok=True)
     for frame in frames:

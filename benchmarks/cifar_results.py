@@ -377,17 +377,17 @@ def markdown_table(results: Sequence[RunResult]) -> str:
 README_START, README_END = '<!-- cifar10-results:start -->', '<!-- cifar10-results:end -->'
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace what lies between the README's result markers with ``block``."""
+def update_readme(readme: Path, block: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace what lies between the README's result markers (``start``, ``end``) with ``block``."""
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f'{readme}: add the markers {README_START} and {README_END} where the table goes')
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f'{head}{README_START}\n{block.strip()}\n{README_END}{tail}')
+    if start not in text or end not in text:
+        raise ValueError(f'{readme}: add the markers {start} and {end} where the table goes')
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f'{head}{start}\n{block.strip()}\n{end}{tail}')
 
 
-def _plot_sizes(ax, configs: Sequence[ConfigResult]) -> Dict[Tuple[str, str], Any]:
+def _plot_sizes(ax, configs: Sequence[ConfigResult], ylabel: str = 'CIFAR-10 test top-1 (%)') -> Dict[Tuple[str, str], Any]:
     """Test top-1 against images per device, one line per architecture and normalization; returns their colours."""
     colors = {}
     for arch, label in sorted({(c.arch, c.label) for c in configs}):
@@ -413,7 +413,7 @@ def _plot_sizes(ax, configs: Sequence[ConfigResult]) -> Dict[Tuple[str, str], An
     sizes = sorted({c.images_per_device for c in configs})
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel('images per device')
-    ax.set_ylabel('CIFAR-10 test top-1 (%)')
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     return colors
 

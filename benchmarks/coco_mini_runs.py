@@ -71,7 +71,7 @@ def trained_steps(checkpoint: Path) -> Optional[int]:
 def zoo_train(command: str, config: Path, model: str, run_dir: Path, log_dir: Path, extra: Sequence[str],
               threads: int) -> float:
     """Run ``zoo-train <command>``; return its wall time in seconds (stop on failure, showing its log)."""
-    args = [sys.executable, '-m', 'lightning_modules.cli', command, '-c', str(config), '--model.model_name', model,
+    args = [sys.executable, '-m', 'lightning_modules', command, '-c', str(config), '--model.model_name', model,
             '--trainer.default_root_dir', str(run_dir), '--trainer.logger.init_args.save_dir', str(log_dir)]
     if command == 'fit':
         args += ['--trainer.callbacks.dirpath', str(run_dir / 'checkpoints')]

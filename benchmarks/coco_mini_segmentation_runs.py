@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             cfg_path.write_text(yaml.safe_dump(run_config(base, name, run_dir, args.max_steps, args.val_limit)))
             print(f'[{label}] zoo-train fit -c {cfg_path}', flush=True)
             start = time.time()
-            subprocess.run([sys.executable, '-m', 'lightning_modules.cli', 'fit', '-c', str(cfg_path)], cwd=REPO,
+            subprocess.run([sys.executable, '-m', 'lightning_modules', 'fit', '-c', str(cfg_path)], cwd=REPO,
                            env=env, check=True)
             wall = time.time() - start
             (run_dir / 'wall_seconds.txt').write_text(f'{wall:.1f}\n')

@@ -32,15 +32,15 @@ def test_print_config(config, capsys):
 
 def test_unknown_model_name_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match='Close matches'):
-        main(['fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbnc',
-              '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(tmp_path), '--trainer.logger', 'false'])
+        main(['fit', '--model', 'lightning_modules.classification.ImageClassifier', '--model.model_name', 'resnet20_wsbnc',
+              '--data', 'lightning_modules.classification.ImageFolderDataModule', '--data.root', str(tmp_path), '--trainer.logger', 'false'])
 
 
 def test_fit_then_test_prints_top1_and_leaves_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = make_image_folder(tmp_path / 'data', per_class=4)
-    main(['fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
-          '--model.num_classes', '3', '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(root),
+    main(['fit', '--model', 'lightning_modules.classification.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
+          '--model.num_classes', '3', '--data', 'lightning_modules.classification.ImageFolderDataModule', '--data.root', str(root),
           '--data.input_size', '16', '--data.batch_size', '2', '--data.virtual_devices', '2', '--data.num_workers', '0',
           '--trainer.max_steps', '3', '--trainer.accelerator', 'cpu', '--trainer.logger', 'false',
           '--trainer.default_root_dir', str(tmp_path / 'run'), '--trainer.enable_progress_bar', 'false',
@@ -54,8 +54,8 @@ def test_fit_then_test_prints_top1_and_leaves_checkpoint(tmp_path, capsys, monke
 def test_test_without_weights_warns_that_it_scores_random_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = make_image_folder(tmp_path / 'data', per_class=1)
-    args = ['test', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
-            '--model.num_classes', '3', '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(root),
+    args = ['test', '--model', 'lightning_modules.classification.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
+            '--model.num_classes', '3', '--data', 'lightning_modules.classification.ImageFolderDataModule', '--data.root', str(root),
             '--data.input_size', '16', '--data.num_workers', '0', '--trainer.accelerator', 'cpu',
             '--trainer.logger', 'false', '--trainer.enable_progress_bar', 'false']
     with pytest.warns(UserWarning, match='randomly initialised weights'):
@@ -72,8 +72,8 @@ def test_last_checkpoint_holds_the_final_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = make_image_folder(tmp_path / 'data', per_class=4)
     cli = build_cli([
-        'fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
-        '--model.num_classes', '3', '--data', 'lightning_modules.ImageFolderDataModule', '--data.root', str(root),
+        'fit', '--model', 'lightning_modules.classification.ImageClassifier', '--model.model_name', 'resnet20_wsbcn',
+        '--model.num_classes', '3', '--data', 'lightning_modules.classification.ImageFolderDataModule', '--data.root', str(root),
         '--data.input_size', '16', '--data.batch_size', '2', '--data.num_workers', '0',
         '--trainer.max_steps', '3', '--trainer.accelerator', 'cpu', '--trainer.logger', 'false',
         '--trainer.enable_progress_bar', 'false',
@@ -85,3 +85,37 @@ def test_last_checkpoint_holds_the_final_weights(tmp_path, monkeypatch):
     final = cli.model.state_dict()
     for k, v in last['state_dict'].items():
         assert torch.equal(v, final[k]), k
+
+
+ALL_CONFIGS = sorted((REPO / 'configs').rglob('*.yaml'))
+
+
+@pytest.mark.parametrize('config', ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO / 'configs')))
+def test_every_config_builds_its_model_and_data_through_the_cli(config, tmp_path, monkeypatch):
+    """Every shipped config, video included, instantiates through zoo-train: one class_path style, the
+    ``optim`` block, and the devices and images per device linked from the data to the model."""
+    from lightning_modules.core.cli import build_cli
+    from lightning_modules import TASKS
+    from lightning_modules.core.task import TaskModule
+    monkeypatch.chdir(tmp_path)  # run folders the build may create stay out of the repository
+    source = yaml.safe_load(config.read_text())
+    class_paths = _class_paths(source)
+    ours = [c for c in class_paths if not c.startswith('lightning.')]
+    assert ours and all(c.split('.')[:2] in (['lightning_modules', t] for t in TASKS) for c in ours), ours
+    offline = [f'--model.init_args.{k}=false' for k in ('pretrained', 'pretrained_backbone')  # nothing downloads here
+               if source['model']['init_args'].get(k)]
+    cpu = ['--trainer.accelerator=cpu', '--trainer.devices=1', '--trainer.num_nodes=1', '--trainer.strategy=auto',
+           '--trainer.precision=32-true']  # the GPU recipes, built on this machine's CPU
+    cli = build_cli(['-c', str(config), '--trainer.logger', 'false', *offline, *cpu], run=False)
+    assert isinstance(cli.model, TaskModule)
+    data = cli.datamodule
+    assert cli.model.virtual_devices == getattr(data, 'virtual_devices', None)
+    assert cli.model.images_per_device == getattr(data, 'batch_size', None)
+
+
+def _class_paths(cfg) -> list:
+    if isinstance(cfg, dict):
+        return ([cfg['class_path']] if 'class_path' in cfg else []) + [p for v in cfg.values() for p in _class_paths(v)]
+    if isinstance(cfg, list):
+        return [p for v in cfg for p in _class_paths(v)]
+    return []

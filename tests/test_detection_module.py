@@ -54,9 +54,7 @@ model:
   init_args:
     model_name: {MODEL}
     num_classes: {num_classes}
-    lr: 0.01
-    warmup_steps: 2
-    milestones: [1.0]
+    optim: {{lr: 0.01, warmup_steps: 2, milestones: [1.0]}}
     model_kwargs: {json.dumps(SMALL)}
 data:
   class_path: lightning_modules.detection.CocoDetectionDataModule
@@ -172,10 +170,9 @@ def test_bcn_detector_evaluates_an_image_without_detections():
 
 
 def test_schedule_warms_up_by_iterations_and_decays_at_the_milestone_epochs():
-    from lightning_modules.detection.module import optim_config
-    from lightning_modules.optim import create_optimizer, create_scheduler
-    cfg = optim_config(lr=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=20, warmup_factor=0.001,
-                       schedule='multistep', milestones=(0.6, 0.7), decay_rate=0.1, steps_per_epoch=50)
+    from lightning_modules.core.optim import OptimConfig, create_optimizer, create_scheduler
+    cfg = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=20, warmup_factor=0.001,
+                      schedule='multistep', milestones=(0.6, 0.7), decay_rate=0.1)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     opt = create_optimizer(net, cfg)
     sched = create_scheduler(opt, cfg, num_epochs=40 / 50, steps_per_epoch=50)
@@ -189,7 +186,7 @@ def test_schedule_warms_up_by_iterations_and_decays_at_the_milestone_epochs():
     decay = {g['name']: g['weight_decay'] for g in opt.param_groups}
     assert decay == {'backbone_decay': 1e-4, 'backbone_no_decay': 0.}  # norms and biases undecayed
     with pytest.raises(ValueError, match='inside the warm-up'):
-        optim_config(0.02, 0.9, 1e-4, 500, 0.001, 'multistep', (0.5,), 0.1, steps_per_epoch=100)
+        OptimConfig(lr=0.02, warmup_steps=500, warmup_factor=0.001, schedule='multistep', milestones=(0.5,)).in_epochs(100)
 
 
 # -- device emulation ------------------------------------------------------------------------------------
@@ -249,7 +246,7 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     from lightning_modules.detection import CocoDetectionDataModule
     dm = CocoDetectionDataModule(root=str(tmp_path / 'data'), train_images='images', train_annotations='instances.json',
                                  val_annotations=None, min_size=48, max_size=64, batch_size=1, num_workers=0)
-    module = DetectionModule(MODEL, num_classes=3, model_kwargs=SMALL, warmup_steps=0)
+    module = DetectionModule(MODEL, num_classes=3, model_kwargs=SMALL, optim=dict(warmup_steps=0))
     real_forward = module.model.forward
 
     def nan_at_step_2(images, targets=None):

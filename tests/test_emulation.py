@@ -81,7 +81,7 @@ def test_emulation_matches_real_ddp(tmp_path, model_name):
     """Same data, seed and init: 2-process DDP (gloo) vs 2 emulated devices, 4 SGD steps."""
     root = make_image_folder(tmp_path / 'data', per_class=6)
     pl.seed_everything(0)
-    base = ImageClassifier(model_name, num_classes=3, lr=0.2, momentum=0.9, weight_decay=1e-3, schedule='constant')
+    base = ImageClassifier(model_name, num_classes=3, optim=dict(lr=0.2, momentum=0.9, weight_decay=1e-3, schedule='constant'))
     ddp_model, emu_model = copy.deepcopy(base), copy.deepcopy(base)
 
     ddp_losses = _fit(ddp_model, root, tmp_path / 'ddp', devices=2, k=1, steps=4)

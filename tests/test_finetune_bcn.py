@@ -12,8 +12,8 @@ from zoo.layers import BatchChannelNorm2d, EstimatedBatchNorm2d
 
 def _large_batch_bcn_classifier(**kwargs) -> ImageClassifier:
     """resnet20 WS+BCN built as the authors' ImageNet weights are: batch stage 'batch', trained statistics."""
-    model = ImageClassifier('resnet20_wsbcn', num_classes=10, lr=0.01,
-                            model_kwargs=dict(norm_kwargs=dict(batch_stage='batch')), **kwargs)
+    model = ImageClassifier('resnet20_wsbcn', num_classes=10,
+                            model_kwargs=dict(norm_kwargs=dict(batch_stage='batch')), **kwargs, optim=dict(lr=0.01))
     g = torch.Generator().manual_seed(0)
     for m in model.model.modules():
         if isinstance(m, BatchChannelNorm2d):

@@ -20,7 +20,7 @@ CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'hors
 
 def _zoo_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-    res = subprocess.run([sys.executable, '-m', 'lightning_modules.cli', 'predict', *args,
+    res = subprocess.run([sys.executable, '-m', 'lightning_modules', 'predict', *args,
                           '--trainer.accelerator', 'cpu', '--trainer.logger', 'false'],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -46,9 +46,9 @@ def unlabeled_photos(tmp_path_factory) -> tuple:
 
 def test_predict_images_with_shipped_weights_writes_top5_with_label_names(unlabeled_photos, tmp_path):
     folder, truth = unlabeled_photos
-    res = _zoo_train(tmp_path, '--model', 'lightning_modules.ImageClassifier',
+    res = _zoo_train(tmp_path, '--model', 'lightning_modules.classification.ImageClassifier',
                '--model.init_args.model_name', 'resnet20_wsbcn.cifar10', '--model.init_args.pretrained', 'true',
-               '--data', 'lightning_modules.Cifar10DataModule', '--data.init_args.predict', str(folder),
+               '--data', 'lightning_modules.classification.Cifar10DataModule', '--data.init_args.predict', str(folder),
                '--data.init_args.num_workers', '0', '--predict_output', 'out/preds.csv')
     assert 'Tip:' not in res.stdout + res.stderr  # Lightning's product tips are dropped
     assert 'CPU threads:' in res.stdout + res.stderr
@@ -69,6 +69,50 @@ def test_predict_images_with_shipped_weights_writes_top5_with_label_names(unlabe
         assert top[0]['probability'] == pytest.approx(float(row['probability_1']), abs=1e-4)
 
 
+def test_predict_skips_a_truncated_image_and_writes_its_reason(unlabeled_photos, tmp_path):
+    """``skip_corrupt`` covers predict: one truncated PNG among the inputs is a row with its reason, not 0 rows."""
+    folder, truth = unlabeled_photos
+    inputs = tmp_path / 'inputs'
+    shutil.copytree(folder, inputs)
+    data = (inputs / 'zz_big_cat.png').read_bytes()
+    (inputs / 'zz_cut.png').write_bytes(data[:len(data) // 2])
+    args = ['--model', 'lightning_modules.classification.ImageClassifier',
+            '--model.init_args.model_name', 'resnet20_wsbcn.cifar10', '--model.init_args.pretrained', 'true',
+            '--data', 'lightning_modules.classification.Cifar10DataModule', '--data.init_args.predict', str(inputs),
+            '--data.init_args.num_workers', '0', '--data.init_args.eval_batch_size', '4', '--predict_output', 'p.csv']
+    with pytest.raises(AssertionError, match='zz_cut.png'):  # without skip_corrupt: an error naming the file
+        _zoo_train(tmp_path, *args)
+    res = _zoo_train(tmp_path, *args, '--data.init_args.skip_corrupt', 'true')
+    with open(tmp_path / 'p.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r['path']).name for r in rows] == sorted(truth) + ['zz_cut.png']
+    assert rows[-1]['prediction'] == '' and 'truncated' in rows[-1]['error'].lower()
+    assert all(r['prediction'] in CLASSES and not r['error'] for r in rows[:-1])
+    assert f'Predictions for {len(truth)} of {len(truth) + 1} inputs' in res.stdout
+
+
+def test_prediction_tables_are_valid_after_every_batch_and_read_back_after_a_kill(tmp_path):
+    from lightning_modules.core.writer import RowTable, read_rows
+    rows = [{'path': f'{i}.jpg', 'prediction': 'cat', 'error': '', 'top_k': [{'class': 3, 'label': 'cat'}]}
+            for i in range(5)]
+    for suffix in ('.json', '.jsonl', '.csv'):
+        path = tmp_path / f'table{suffix}'
+        table = RowTable(path, ['path', 'prediction', 'error'], rows[:1])  # a resumed table starts with its rows
+        for k in (1, 3):
+            table.append(rows[k:k + 2])
+            _, back = read_rows(path)
+            assert [r['path'] for r in back] == [r['path'] for r in rows[:k + 2]]  # readable at every point
+            if suffix == '.json':
+                assert len(json.loads(path.read_text())) == k + 2  # valid JSON after every append
+        table.close()
+        text = path.read_text()
+        path.write_text(text[:len(text) - 12])  # killed in the middle of the last row
+        _, back = read_rows(path)
+        assert [r['path'] for r in back] == [r['path'] for r in rows[:4]], suffix  # the cut row is left out
+    with pytest.raises(ValueError, match='must end in'):
+        RowTable(tmp_path / 'table.txt', ['path'])
+
+
 def test_predict_reads_a_csv_and_refuses_missing_files(unlabeled_photos, tmp_path):
     folder, _ = unlabeled_photos
     listing = tmp_path / 'inputs.csv'
@@ -87,15 +131,18 @@ def test_predict_clips_writes_a_row_per_clip(tmp_path):
     _zoo_train(tmp_path, '--model', 'lightning_modules.video.VideoClassifier',
                '--model.init_args.model_name', 'tsm_resnet18_wsbcn', '--model.init_args.num_classes', '3',
                '--model.init_args.num_segments', '2',
-               '--data', 'lightning_modules.video_data.VideoDataModule', '--data.init_args.predict', str(VIDEOS),
+               '--data', 'lightning_modules.video.VideoDataModule', '--data.init_args.predict', str(VIDEOS),
                '--data.init_args.num_segments', '2', '--data.init_args.crop_size', '32',
                '--data.init_args.test_clips', '2', '--data.init_args.test_crops', '1',
-               '--data.init_args.num_workers', '0', '--predict_output', 'clips.json', '--top_k', '2')
+               '--data.init_args.num_workers', '0', '--predict_output', 'clips.json', '--top_k', '2',
+               '--data.init_args.train', str(VIDEOS / 'labels.csv'), '--data.init_args.skip_unlabelled', 'true')
     rows = json.loads((tmp_path / 'clips.json').read_text())
     clips = sorted(p for p in VIDEOS.iterdir() if p.suffix in ('.mp4', '.avi'))
     assert [r['path'] for r in rows] == [str(p) for p in clips]
-    for row in rows:
-        assert len(row['top_k']) == 2 and 'error' not in row
+    for row in rows:  # the leading columns of every task's table, then the top-k
+        assert list(row)[:3] == ['path', 'prediction', 'error'] and row['error'] == ''
+        assert len(row['top_k']) == 2 and row['prediction'] == row['top_k'][0]['label']
+        assert {e['label'] for e in row['top_k']} <= {'cartwheel', 'soccer_juggling', 'wave'}  # the data's names
         assert sum(e['probability'] for e in row['top_k']) <= 1.0 + 1e-5
 
 

@@ -166,7 +166,7 @@ def test_corrupt_eval_images_are_skipped_counted_and_not_scored(tmp_path):
     (root / 'val' / 'c' / '001.jpg').write_bytes(b'')
     dm = ImageFolderDataModule(str(root), input_size=16, batch_size=2, eval_batch_size=1, num_workers=0,
                                skip_corrupt=True, seed=0)
-    model = ImageClassifier('resnet20_wsbcn', num_classes=3, lr=0.01)
+    model = ImageClassifier('resnet20_wsbcn', num_classes=3, optim=dict(lr=0.01))
     trainer = pl.Trainer(accelerator='cpu', max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)
@@ -190,17 +190,17 @@ def _fsdp_groups(rank: int):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     torch.manual_seed(0)
-    lm = ImageClassifier('resnet20_wsgn', num_classes=10, weight_decay=1e-4)
+    lm = ImageClassifier('resnet20_wsgn', num_classes=10, optim=dict(weight_decay=1e-4))
     conv_linear = sorted(f'{n}.weight' for n, m in lm.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert _decayed_names(param_groups(lm.model, 1e-4), lm.model.named_parameters()) == conv_linear
     # Wrapped as Lightning's FSDPStrategy wraps a LightningModule: the module itself, per residual block.
     wrapped = FullyShardedDataParallel(lm, auto_wrap_policy=ModuleWrapPolicy({BasicBlock}), use_orig_params=True,
                                        device_id=torch.device('cpu'))
     assert all(p.ndim <= 1 for p in lm.model.parameters())  # flattened shards: the trap
-    opt = create_optimizer(lm.model, lm.optim_cfg, lm.backbone_lr_scale, lm.param_ndims)
+    opt = create_optimizer(lm.model, lm.optim, lm.param_ndims)
     found = _decayed_names(opt.param_groups, lm.model.named_parameters())
     try:
-        create_optimizer(lm.model, lm.optim_cfg)
+        create_optimizer(lm.model, lm.optim)
         unrecorded = 'no error'
     except ValueError as e:
         unrecorded = str(e)

@@ -44,18 +44,18 @@ trainer:
       init_args: {{dirpath: {ckpt_dir}, save_last: true, every_n_train_steps: 2}}
     - class_path: test_resume.SlowDown
 model:
-  class_path: lightning_modules.ImageClassifier
-  init_args: {{model_name: resnet20_wsbcn, num_classes: 3, lr: 0.2, warmup_epochs: 0.5, label_smoothing: 0.1,
-               weight_decay: 1.0e-3, ema_decay: 0.9}}
+  class_path: lightning_modules.classification.ImageClassifier
+  init_args: {{model_name: resnet20_wsbcn, num_classes: 3, label_smoothing: 0.1, ema_decay: 0.9,
+               optim: {{lr: 0.2, warmup_epochs: 0.5, weight_decay: 1.0e-3}}}}
 data:
-  class_path: lightning_modules.ImageFolderDataModule
+  class_path: lightning_modules.classification.ImageFolderDataModule
   init_args: {{root: {data}, input_size: 16, scale: [0.3, 1.0], batch_size: 2, virtual_devices: 2, num_workers: 1}}
 """)
     return cfg
 
 
 def _cmd(cfg: Path, *extra: str):
-    return [sys.executable, '-m', 'lightning_modules.cli', 'fit', '-c', str(cfg), *extra]
+    return [sys.executable, '-m', 'lightning_modules', 'fit', '-c', str(cfg), *extra]
 
 
 def _env():
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     x = torch.randn(16, 3, 16, 16)
     x[10] = float('nan')  # batch 5 (batch size 2)
     loader = DataLoader(TensorDataset(x, torch.randint(0, 3, (16,))), batch_size=2)
-    model = ImageClassifier('resnet20_gn', num_classes=3, lr=0.05)
+    model = ImageClassifier('resnet20_gn', num_classes=3, optim=dict(lr=0.05))
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
     trainer = pl.Trainer(accelerator='cpu', max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[ckpt])
     with pytest.raises(NonFiniteLossError, match=r'(?s)Non-finite training loss \(nan\) at global step 5.*last\.ckpt'):

@@ -3,9 +3,11 @@
 The run is killed (SIGKILL, by the process itself right after a checkpoint, so the test needs no
 timing) inside the first epoch and again inside the second, resumed each time with the same command
 plus ``--ckpt_path last``, and must end bit-identical to an uninterrupted run: weights, buffers
-(BCN estimates), EMA weights, optimizer and scheduler state. A toy ImageFolder config passed while
-this config failed (the data order restarted at batch 0), so this test runs the real
-``Cifar10DataModule`` with its 8 virtual devices and its loader workers.
+(BCN estimates), EMA weights, optimizer and scheduler state, and the RNG states. A toy ImageFolder
+config passed while this config failed (the data order restarted at batch 0), so this test runs the
+real ``Cifar10DataModule`` with its 8 virtual devices and its loader workers, with drop-path and
+dropout on: they draw from the global generator, so a resume that restored it at the wrong moment
+(before the loader's own draws) replayed other draws and ended with other weights.
 """
 import json
 import os
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
@@ -24,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / 'configs' / 'cifar10' / 'quickstart.yaml'
 PER_CLASS = 20  # 200 images / (2 images x 8 devices) = 12 steps per epoch
 MAX_STEPS = 30  # crosses two epoch boundaries
-KILLS = (5, 17)  # a checkpoint is written at these steps, then the run dies: epoch 0 and epoch 1
+KILLS = (5, 12, 17)  # a checkpoint is written at these steps, then the run dies: in epoch 0, at its end, in epoch 1
 
 
 class KillAfterCheckpoint(pl.Callback):
@@ -46,11 +49,13 @@ def _callbacks(kill_at: int = -1) -> str:
     ])
 
 
-def _zoo_train(cwd: Path, kill_at: int = -1, resume: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, '-m', 'lightning_modules.cli', 'fit', '-c', str(CONFIG),
+def _zoo_train(cwd: Path, kill_at: int = -1, resume: bool = False, workers: int = 1) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', 'lightning_modules', 'fit', '-c', str(CONFIG),
            '--trainer.max_steps', str(MAX_STEPS), '--trainer.logger', 'false', '--trainer.enable_progress_bar', 'false',
            '--trainer.callbacks', _callbacks(kill_at), '--test_after_fit', 'false',
-           '--data.init_args.train_per_class', str(PER_CLASS), '--model.init_args.ema_decay', '0.9']
+           '--data.init_args.train_per_class', str(PER_CLASS), '--model.init_args.ema_decay', '0.9',
+           '--model.init_args.model_kwargs', '{drop_path_rate: 0.2, drop_rate: 0.2}',
+           '--data.init_args.num_workers', str(workers)]
     if resume:
         cmd += ['--ckpt_path', 'last']
     env = dict(os.environ, OMP_NUM_THREADS='1',
@@ -75,17 +80,23 @@ def _assert_same_training_state(resumed: dict, ref: dict) -> None:
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(r_opt['state'][i][name]), torch.as_tensor(value)), (i, name)
     assert resumed['lr_schedulers'] == ref['lr_schedulers']
+    for name in ('torch', 'python'):  # what the next step's dropout / drop-path draws from
+        r, o = resumed['rng_states'][name], ref['rng_states'][name]
+        assert (torch.equal(r, o) if isinstance(o, torch.Tensor) else r == o), name
 
 
-def test_quickstart_config_killed_in_two_epochs_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize('workers', [1, 0], ids=['config-workers', 'no-workers'])
+def test_quickstart_config_killed_in_two_epochs_resumes_bit_identical(tmp_path, workers):
+    """With the config's loader worker, and without (each epoch's new loader iterator then draws its seed:
+    from the loader's own generator, not the global one that dropout draws from)."""
     ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
     for kill_at in KILLS:
-        res = _zoo_train(run_dir, kill_at=kill_at, resume=kill_at != KILLS[0])
+        res = _zoo_train(run_dir, kill_at=kill_at, resume=kill_at != KILLS[0], workers=workers)
         assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
         assert _last(run_dir)['global_step'] == kill_at
-    res = _zoo_train(run_dir, resume=True)
+    res = _zoo_train(run_dir, resume=True, workers=workers)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _zoo_train(ref_dir)
+    res = _zoo_train(ref_dir, workers=workers)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed, ref = _last(run_dir), _last(ref_dir)
     assert ref['global_step'] == MAX_STEPS
@@ -111,7 +122,7 @@ class _SaveAt(pl.Callback):
 
 def _fit(tmp: Path, ckpt_path=None, strategy=None, callbacks=()) -> dict:
     pl.seed_everything(0)
-    model = ImageClassifier('resnet20_wsbcn', num_classes=10, lr=0.05, warmup_epochs=0.1, ema_decay=0.9)
+    model = ImageClassifier('resnet20_wsbcn', num_classes=10, ema_decay=0.9, optim=dict(lr=0.05, warmup_epochs=0.1))
     data = Cifar10DataModule(batch_size=2, virtual_devices=4, train_per_class=4, num_workers=0)  # 5 steps / epoch
     trainer = pl.Trainer(
         accelerator='cpu', max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False,

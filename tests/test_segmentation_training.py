@@ -102,7 +102,7 @@ class _Data(pl.LightningDataModule):
 
 
 def test_nonfinite_loss_stops_cleanly():
-    model = SemanticSegmenter('deeplabv3_resnet18_wsgn', num_classes=5, model_kwargs=dict(output_stride=16), lr=1.0)
+    model = SemanticSegmenter('deeplabv3_resnet18_wsgn', num_classes=5, model_kwargs=dict(output_stride=16), optim=dict(lr=1.0))
     batch = _random_batch(2)
     batch['image'][0, 0, 0, 0] = float('nan')
     trainer = pl.Trainer(accelerator='cpu', max_steps=1, logger=False, enable_checkpointing=False,
@@ -123,7 +123,7 @@ def test_crop_without_labelled_pixels_gives_zero_loss():
 
 
 def test_poly_schedule_per_iteration():
-    model = SemanticSegmenter('deeplabv3_resnet18_wsgn', num_classes=5, model_kwargs=dict(output_stride=16), lr=0.1)
+    model = SemanticSegmenter('deeplabv3_resnet18_wsgn', num_classes=5, model_kwargs=dict(output_stride=16), optim=dict(lr=0.1))
     lrs = []
 
     class Record(pl.Callback):
@@ -151,8 +151,7 @@ class _SaveState(pl.Callback):
 def test_emulation_matches_real_ddp_and_bcn_estimates_identical_on_ranks(tmp_path, name):
     """2-process gloo DDP vs 2 emulated devices of 2 images: same weights and buffers after 3 steps."""
     pl.seed_everything(0)
-    base = _no_dropout(SemanticSegmenter(name, num_classes=5, model_kwargs=dict(output_stride=16), lr=0.05,
-                                         schedule='constant', weight_decay=1e-3))
+    base = _no_dropout(SemanticSegmenter(name, num_classes=5, model_kwargs=dict(output_stride=16), optim=dict(lr=0.05, schedule='constant', weight_decay=1e-3)))
     ddp_model, emu_model = copy.deepcopy(base), copy.deepcopy(base)
     path = str(tmp_path / 'state')
     trainer = pl.Trainer(accelerator='cpu', devices=2, strategy='ddp_spawn', max_steps=3, logger=False,

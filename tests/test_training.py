@@ -50,9 +50,9 @@ def test_step_schedules():
 
 
 def test_adamw_and_lr_scale_applied_from_first_step():
-    model = ImageClassifier('resnet20', backbone_lr_scale=0.1, optimizer='adamw', lr=1e-3).model
-    cfg = OptimConfig(optimizer='adamw', lr=1e-3, schedule='constant')
-    opt = create_optimizer(model, cfg, backbone_lr_scale=0.1)
+    model = ImageClassifier('resnet20', optim=dict(backbone_lr_scale=0.1, optimizer='adamw', lr=1e-3)).model
+    cfg = OptimConfig(optimizer='adamw', lr=1e-3, schedule='constant', backbone_lr_scale=0.1)
+    opt = create_optimizer(model, cfg)
     create_scheduler(opt, cfg, 1, 10)
     assert type(opt).__name__ == 'AdamW'
     assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx([1e-4, 1e-3])
@@ -116,7 +116,7 @@ def test_mixup_per_virtual_device_uses_shared_draws():
 
 def test_ema_is_updated_and_used_for_eval():
     pl.seed_everything(0)
-    model = ImageClassifier('resnet20_gn', num_classes=3, ema_decay=0.5, lr=0.1)
+    model = ImageClassifier('resnet20_gn', num_classes=3, ema_decay=0.5, optim=dict(lr=0.1))
     loader = DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,))), batch_size=4)
     start = model.ema.module.fc.weight.clone()
     # timm's EMA copies the weights on its first update(s), then averages.
@@ -124,5 +124,5 @@ def test_ema_is_updated_and_used_for_eval():
                enable_progress_bar=False).fit(model, loader)
     ema_w, w = model.ema.module.fc.weight, model.model.fc.weight
     assert not torch.equal(ema_w, start) and not torch.equal(ema_w, w)
-    assert model._eval_model() is model.ema.module
+    assert model.eval_model() is model.ema.module
     assert not any(p.requires_grad for p in model.ema.parameters())

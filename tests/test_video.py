@@ -38,8 +38,7 @@ def test_finetune_tsm_resnet18_wsbcn_on_six_clips_to_100pct_training_accuracy(tm
     start = time.time()
     ckpt = tmp_path / 'resnet18_wsbcn.safetensors'  # a 2D checkpoint: the TSM model loads it unchanged
     save_file(timm.create_model('resnet18_wsbcn').state_dict(), str(ckpt))
-    model = VideoClassifier('tsm_resnet18_wsbcn', num_classes=3, num_segments=4, init_checkpoint=str(ckpt),
-                            optimizer='adamw', lr=2e-3, weight_decay=0., schedule='constant')
+    model = VideoClassifier('tsm_resnet18_wsbcn', num_classes=3, num_segments=4, init_checkpoint=str(ckpt), optim=dict(optimizer='adamw', lr=2e-3, weight_decay=0., schedule='constant'))
     torch.testing.assert_close(model.model.layer3[0].conv1.weight, read_state_dict(ckpt)['layer3.0.conv1.weight'])
 
     # Training accuracy = eval-mode accuracy on the training clips, checked after every epoch.
@@ -100,10 +99,10 @@ def test_undecodable_clips_are_skipped_and_counted_in_training_and_validation(tm
         w.writerow([bad, 'wave'])
         w.writerow([VIDEOS / 'v_SoccerJuggling_g23_c01.avi', 'soccer_juggling'])
     kw = dict(train=str(manifest), val=str(manifest), num_segments=2, crop_size=32, batch_size=1, num_workers=0)
-    model = VideoClassifier('tsm_resnet18_wsbcn', num_classes=2, num_segments=2, lr=1e-3)
+    model = VideoClassifier('tsm_resnet18_wsbcn', num_classes=2, num_segments=2, optim=dict(lr=1e-3))
     with pytest.raises(Exception, match='broken.avi'):  # the default: a clear error naming the file
         _trainer(max_epochs=1).fit(model, VideoDataModule(**kw))
-    with caplog.at_level(logging.WARNING, logger='lightning_modules.video_data'):
+    with caplog.at_level(logging.WARNING, logger='lightning_modules.video.data'):
         trainer = _trainer(max_epochs=1)
         trainer.fit(model, VideoDataModule(on_decode_error='skip', **kw))
     assert sum('broken.avi' in r.getMessage() for r in caplog.records) == 2  # the train and the val pass
@@ -127,7 +126,7 @@ def test_video_configs_parse(config, capsys):
         main(['fit', '-c', str(config), '--print_config'])
     assert exit_.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert 'lightning_modules.video.VideoClassifier' in printed and 'lightning_modules.video_data.VideoDataModule' in printed
+    assert 'lightning_modules.video.VideoClassifier' in printed and 'lightning_modules.video.VideoDataModule' in printed
     assert 'num_segments: 8' in printed or config.name.startswith('smoke')
 
 

@@ -112,7 +112,7 @@ def _corrupt(tmp_path, name, how):
     ('half', 'truncated|Invalid data'),
     ('zero_header', 'damaged header|Invalid data'),
     ('half_zero_header', 'damaged header|Invalid data'),
-    ('empty', 'Invalid data'),
+    ('empty', r'empty file \(0 bytes\)'),
 ])
 def test_corrupt_copy_gives_a_clear_error_naming_the_file(tmp_path, name, how, reason):
     bad = _corrupt(tmp_path, name, how)
@@ -143,8 +143,8 @@ def test_undecodable_clip_raises_in_the_dataset_or_is_skipped_and_counted(tmp_pa
     kw = dict(num_segments=2, transform=train_clip_transform(32))
     with pytest.raises(VideoDecodeError, match=bad.name):
         VideoClipDataset(samples, **kw)[1]
-    ds = VideoClipDataset(samples, on_decode_error='skip', **kw)
-    with caplog.at_level(logging.WARNING, logger='lightning_modules.video_data'):
+    ds = VideoClipDataset(samples, on_decode_error='skip', replace_undecodable=False, **kw)  # evaluation's way
+    with caplog.at_level(logging.WARNING, logger='lightning_modules.video.data'):
         items = [ds[i] for i in range(3)] + [ds[1]]
     skips = [r.getMessage() for r in caplog.records if 'Skipping undecodable video' in r.getMessage()]
     assert len(skips) == 2 and all(str(bad) in m for m in skips)  # every skip, not once per process
@@ -157,6 +157,13 @@ def test_undecodable_clip_raises_in_the_dataset_or_is_skipped_and_counted(tmp_pa
         warnings.simplefilter('ignore')
         empty = collate_videos([ds[1]])
     assert empty['video'].numel() == 0 and int(empty['skipped']) == 1
+    # training's way: the next decodable clip takes its place (the batch keeps its size), counted
+    train = VideoClipDataset(samples, on_decode_error='skip', **kw)
+    video, label, skipped = train[(1, 0)]
+    assert label == 2 and skipped == 1 and video.shape == (3, 2, 32, 32)
+    batch = collate_videos([train[(i, 0)] for i in range(3)])
+    assert batch['video'].shape == (3, 3, 2, 32, 32) and batch['label'].tolist() == [1, 2, 2]
+    assert int(batch['skipped']) == 1
 
 
 # --- views and the DataModule --------------------------------------------------------------------
@@ -187,6 +194,28 @@ def test_datamodule_batches_on_the_labelled_clips():
     assert val['video'].shape == (2, 1, 3, 4, 64, 64)
     # the two clips of a video come from different frames
     assert not torch.allclose(test['video'][0, 0], test['video'][0, 3])
+
+
+def test_datamodule_draws_per_device_batches_and_resumes_mid_epoch():
+    """The shared training loader: K x batch_size clips per batch (device by device), a seeded order and
+    augmentation, and a resumed run draws exactly the uninterrupted run's remaining batches."""
+    from lightning_modules.core.samplers import VirtualDeviceSampler
+    kw = dict(train=str(MANIFEST), skip_unlabelled=True, num_segments=2, crop_size=32, batch_size=1,
+              virtual_devices=2, num_workers=0, seed=3)
+    dm = VideoDataModule(**kw)
+    dm.setup('fit')
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, VirtualDeviceSampler) and loader.batch_size == 2
+    loader.sampler.set_epoch(1)
+    full = list(loader)
+    assert len(full) == 3 and full[0]['video'].shape == (2, 3, 2, 32, 32)  # 6 labelled clips, 2 per step
+    resumed = VideoDataModule(**kw)
+    resumed.setup('fit')
+    resumed.load_state_dict({'train_epoch': 1, 'train_batches_done': 1})  # as Lightning restores a checkpoint
+    rest = list(resumed.train_dataloader())
+    assert len(rest) == 2
+    for a, b in zip(rest, full[1:]):
+        assert torch.equal(a['label'], b['label']) and torch.equal(a['video'], b['video'])  # same clips, same crops
 
 
 def _held_frames_avi(path: Path, ticks: int = 40, every: int = 4) -> Path:

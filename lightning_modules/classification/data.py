@@ -1,56 +1,38 @@
-"""Lightning DataModules: ImageNet-style ImageFolder trees and CIFAR-10.
+"""Classification DataModules: ImageNet-style ImageFolder trees and CIFAR-10.
 
-Both share :class:`ImageDataModule`: ``batch_size`` is images **per device**; with
-``virtual_devices=K`` one process draws batches of K x ``batch_size`` that reproduce K devices
-of a DDP run (see :mod:`lightning_modules.emulation`). Under real DDP each process stands in for
-K ranks of ``world_size * K``. The training loader is resumable mid-epoch (exact data order and
-augmentation), see :mod:`lightning_modules.samplers`.
+Both build on :class:`lightning_modules.core.data.ImageDataModule` (images per device, emulated
+devices, resumable order, skip-and-count of unreadable images, predict inputs, class names).
 """
-import hashlib
 import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
-import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import DataLoader
 from torchvision import transforms as T
+from torchvision.datasets.folder import find_classes
 
-from .datasets import ImageFolderDataset, collate_skipping
-from .predict import IMAGE_EXTENSIONS, UnlabeledImages, list_inputs
-from .samplers import ResumableTrainOrder, TrainDataLoader, VirtualDeviceSampler
+from ..core.data import REPO_ROOT, ImageDataModule, default_cache_dir, resolve_path, sha256_of
+from ..core.datasets import ImageFolderDataset
 
-__all__ = ['ImageDataModule', 'ImageFolderDataModule', 'Cifar10DataModule', 'prepare_cifar10', 'REPO_ROOT',
-           'CIFAR10_JPEG_SHA256', 'resolve_path']
+__all__ = ['ImageFolderDataModule', 'Cifar10DataModule', 'prepare_cifar10', 'CIFAR10_JPEG_SHA256',
+           'ImageDataModule', 'resolve_path', 'REPO_ROOT']  # the last three: from core, for old imports
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CIFAR10_ARCHIVE = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 CIFAR10_JPEG_SHA256 = 'dbe98f1ef6acd78c6ece0538b38efc7504f687ae231bbebc0e11a68cae04a13d'
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
-def resolve_path(path: Union[str, Path]) -> Path:
-    """``path`` as given if it exists (relative to the working directory), else relative to the repo root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get('ZOO_CACHE_DIR', REPO_ROOT / '.cache'))
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
+def _folder_classes(folder: Path) -> Optional[List[str]]:
+    """The class sub-folders of an ImageFolder split, sorted as ``ImageFolder`` does; None if it is not one."""
+    try:
+        return list(find_classes(str(folder))[0])
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def prepare_cifar10(source: Union[str, Path, None] = None, cache_dir: Union[str, Path, None] = None,
@@ -96,104 +78,6 @@ def prepare_cifar10(source: Union[str, Path, None] = None, cache_dir: Union[str,
     return target
 
 
-class ImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
-    """Shared loaders: per-device batches, device emulation, resumable training order.
-
-    Args:
-        batch_size: images per device (per virtual device when emulating).
-        virtual_devices: K devices emulated by each process (1: no emulation).
-        eval_batch_size: batch of validation / test loaders (eval does not depend on the batch).
-        num_workers: loader worker processes.
-        seed: shuffling and augmentation seed; None takes ``seed_everything``'s (``PL_GLOBAL_SEED``).
-        skip_corrupt: skip (and count) unreadable images instead of stopping with an error, in every
-            split: training replaces them by the next readable image, evaluation drops them
-            (``{val,test}/skipped_images`` and ``{val,test}/images`` say how many were scored).
-        predict: unlabeled images for ``zoo-train predict``: a folder, a list file or a CSV with a
-            ``path`` column (see :func:`lightning_modules.predict.list_inputs`); eval transform.
-    """
-
-    def __init__(
-            self,
-            batch_size: int = 2,
-            virtual_devices: int = 1,
-            eval_batch_size: int = 128,
-            num_workers: int = 2,
-            seed: Optional[int] = None,
-            skip_corrupt: bool = False,
-            pin_memory: bool = False,
-            predict: Optional[str] = None,
-    ):
-        super().__init__()
-        if batch_size < 1 or virtual_devices < 1:
-            raise ValueError(f'batch_size and virtual_devices must be >= 1, got {batch_size}, {virtual_devices}')
-        self.batch_size = batch_size
-        self.virtual_devices = virtual_devices
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.skip_corrupt = skip_corrupt
-        self.pin_memory = pin_memory
-        self.predict = predict
-        self.train_set = self.val_set = self.test_set = self.predict_set = None
-
-    # Subclasses build the datasets.
-    def build_datasets(self, stage: str) -> Tuple[Optional[ImageFolderDataset], ImageFolderDataset, ImageFolderDataset]:
-        raise NotImplementedError
-
-    def setup(self, stage: str) -> None:
-        if stage == 'predict':
-            if self.predict is None:
-                raise ValueError('zoo-train predict needs the inputs: --data.init_args.predict <folder, list or CSV>')
-            self.predict_set = UnlabeledImages(list_inputs(resolve_path(self.predict), IMAGE_EXTENSIONS),
-                                               self.eval_transform)
-            return
-        self.train_set, self.val_set, self.test_set = self.build_datasets(stage)
-        if self.train_set is not None:
-            self.train_set.seed = self.resolved_seed()
-
-    def resolved_seed(self) -> int:
-        return self.seed if self.seed is not None else int(os.environ.get('PL_GLOBAL_SEED', 0))
-
-    def _world(self) -> Tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def train_sampler(self) -> VirtualDeviceSampler:
-        world, rank = self._world()
-        k = self.virtual_devices
-        return VirtualDeviceSampler(
-            self.train_set, self.batch_size, num_replicas=world * k, ranks=[rank * k + i for i in range(k)],
-            shuffle=True, seed=self.resolved_seed())
-
-    def _loader_kwargs(self) -> dict:
-        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
-                    persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return TrainDataLoader(
-            self.train_set, batch_size=self.batch_size * self.virtual_devices, sampler=self.resume_sampler(self.train_sampler()),
-            drop_last=True, **self._loader_kwargs())
-
-    def eval_dataset(self, folder: Path, transform, per_class: Optional[int] = None) -> ImageFolderDataset:
-        """A validation / test split; with ``skip_corrupt``, unreadable images are dropped and counted, not replaced."""
-        return ImageFolderDataset(folder, transform, self.skip_corrupt, per_class=per_class, replace_corrupt=False)
-
-    def _eval_loader(self, dataset) -> DataLoader:
-        kwargs = self._loader_kwargs()
-        if getattr(dataset, 'skip_corrupt', False):  # a subclass's own collate (e.g. detection lists) stays
-            kwargs.setdefault('collate_fn', collate_skipping)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **kwargs)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_set)
-
-
 class ImageFolderDataModule(ImageDataModule):
     """ImageNet-style ``root/train/<class>/*`` and ``root/val/<class>/*`` with timm's transforms.
 
@@ -232,6 +116,15 @@ class ImageFolderDataModule(ImageDataModule):
         self.preprocessing = dict(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
         self.augmentation = dict(scale=tuple(scale), hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment)
         self.build_transforms()
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The class folders (of the datasets built, else of the train / val folder on disk, e.g. in predict)."""
+        names = super().class_names
+        if names is None:
+            root = resolve_path(self.root)
+            names = _folder_classes(root / self.train_dir) or _folder_classes(root / self.val_dir)
+        return names
 
     @property
     def test_split_name(self) -> str:
@@ -316,6 +209,16 @@ class Cifar10DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         prepare_cifar10(self.data_path, self.cache_dir, self.sha256)
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The class folders of the data; the CIFAR-10 classes for the shared archive before it is extracted."""
+        names = super().class_names
+        if names is None and self.data_path is not None and resolve_path(self.data_path).is_dir():
+            names = _folder_classes(resolve_path(self.data_path) / 'train')
+        elif names is None and self.sha256 == CIFAR10_JPEG_SHA256:
+            names = list(CIFAR10_CLASSES)
+        return names
 
     def build_datasets(self, stage: str):
         root = self.root = prepare_cifar10(self.data_path, self.cache_dir, self.sha256)

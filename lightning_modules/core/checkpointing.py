@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from zoo.hub import CHECKPOINT_DIGEST_KEY, checkpoint_sha256, verify_checkpoint
 
-__all__ = ['hparams_differences', 'checkpoint_model_config', 'newest_resume_checkpoint', 'DigestCheckpointIO',
+__all__ = ['hparams_differences', 'checkpoint_model_config', 'newest_resume_checkpoint', 'resume_candidates',
+           'DigestCheckpointIO',
            'read_checkpoint_header']
 
 _logger = logging.getLogger(__name__)
@@ -73,9 +74,15 @@ def hparams_differences(parser, config, subcommand: str, hparams: Mapping[str, A
     theirs = _flatten(merged[subcommand].get('model'), 'model')
     # ``dict_kwargs`` holds what the checkpoint gives as init args; compare it with the init args
     theirs = {k.replace('model.dict_kwargs.', 'model.init_args.'): v for k, v in theirs.items()}
+    # Both sides' keys: a key only one side has (a model_kwargs entry the checkpoint lacks) differs too.
     keys = sorted(set(ours) | set(theirs))
     return [f'{k}: command line/config {ours.get(k)!r}, checkpoint {theirs.get(k)!r}'
-            for k in keys if k in theirs and ours.get(k) != theirs.get(k)]
+            for k in keys if ours.get(k) != theirs.get(k) and not _container_of_other(k, ours, theirs)]
+
+
+def _container_of_other(key: str, ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> bool:
+    """``model_kwargs: null`` on one side and ``model_kwargs.x`` on the other: reported once, on ``.x``."""
+    return any(k.startswith(key + '.') for k in list(ours) + list(theirs))
 
 
 # ----------------------------------------------------------------------------------- resume point
@@ -88,13 +95,8 @@ def _global_step(path: Path) -> Optional[int]:
         return None
 
 
-def newest_resume_checkpoint(trainer) -> Optional[str]:
-    """The newest of the ``last*.ckpt`` files and Lightning's ``hpc_ckpt_N.ckpt``, or None.
-
-    "Newest" is the highest ``global_step`` stored in the file (then the later modification
-    time): unlike mtime alone it survives copies between file systems and clock skew between
-    nodes, and it is what decides how much work is lost.
-    """
+def resume_candidates(trainer) -> List[Path]:
+    """The ``last*.ckpt`` files (what Lightning's ``'last'`` looks at) and Lightning's ``hpc_ckpt_N.ckpt``."""
     candidates = set()
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint):
@@ -102,7 +104,17 @@ def newest_resume_checkpoint(trainer) -> Optional[str]:
     root = Path(trainer.default_root_dir)
     if root.is_dir():
         candidates |= set(root.glob(f'{HPC_PREFIX}*.ckpt'))
-    scored = [(step, p.stat().st_mtime, str(p)) for p in candidates if p.is_file()
+    return sorted(p for p in candidates if p.is_file())
+
+
+def newest_resume_checkpoint(trainer) -> Optional[str]:
+    """The newest of the ``last*.ckpt`` files and Lightning's ``hpc_ckpt_N.ckpt``, or None.
+
+    "Newest" is the highest ``global_step`` stored in the file (then the later modification
+    time): unlike mtime alone it survives copies between file systems and clock skew between
+    nodes, and it is what decides how much work is lost. Unreadable files are skipped (logged).
+    """
+    scored = [(step, p.stat().st_mtime, str(p)) for p in resume_candidates(trainer)
               for step in [_global_step(p)] if step is not None]
     return max(scored)[2] if scored else None
 
@@ -117,6 +129,7 @@ class DigestCheckpointIO(TorchCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> Dict[str, Any]:
-        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        # weights_only=True always: left unset, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would make torch unpickle anything
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         verify_checkpoint(checkpoint, path)
         return checkpoint

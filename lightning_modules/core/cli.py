@@ -7,8 +7,8 @@
         --data.init_args.predict photos/ --predict_output predictions.csv   # top-5 per image
 
 Model and data are chosen by ``class_path`` in the config (any LightningModule /
-LightningDataModule, e.g. ``lightning_modules.ImageClassifier`` and
-``lightning_modules.Cifar10DataModule``). Extra option: ``--test_after_fit true`` runs the test
+LightningDataModule, e.g. ``lightning_modules.classification.ImageClassifier`` and
+``lightning_modules.classification.Cifar10DataModule``). Extra option: ``--test_after_fit true`` runs the test
 set after ``fit`` with the final weights and prints top-1.
 
 Checkpoints (:mod:`lightning_modules.checkpointing`): ``--ckpt_path`` refuses a checkpoint whose
@@ -17,6 +17,7 @@ model hyper-parameters differ from the command line/config, naming each, unless
 does); ``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and Lightning's SLURM
 ``hpc_ckpt_N.ckpt``; every checkpoint written records a digest that is checked when it is loaded.
 """
+import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,11 +29,16 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
-from .checkpointing import DigestCheckpointIO, hparams_differences, newest_resume_checkpoint, read_checkpoint_header
+from .checkpointing import (DigestCheckpointIO, hparams_differences, newest_resume_checkpoint, read_checkpoint_header,
+                            resume_candidates)
 from .predict import TopKWriter
 from .runtime import quiet_known_noise, set_cpu_threads
 
-__all__ = ['ZooCLI', 'build_cli', 'main', 'evaluated_inputs']
+__all__ = ['ZooCLI', 'build_cli', 'main', 'evaluated_inputs', 'CheckpointResumeError']
+
+
+class CheckpointResumeError(RuntimeError):
+    """``--ckpt_path last`` found checkpoints but could read none of them."""
 
 # Model arguments that load trained weights (a test without one of them, or --ckpt_path, scores random weights).
 _WEIGHT_ARGS = ('pretrained', 'pretrained_backbone', 'init_checkpoint')
@@ -43,24 +49,40 @@ def evaluated_inputs(datamodule, metrics) -> str:
     dataset = getattr(datamodule, 'test_set', None)
     total = len(dataset) if dataset is not None else None
     split = getattr(datamodule, 'test_split_name', 'test')
-    if 'test/images' in metrics:
-        n, unit, skipped = int(metrics['test/images']), 'images', int(metrics.get('test/skipped_images', 0))
-    elif 'test/skipped_videos' in metrics and total is not None:
-        skipped = int(metrics['test/skipped_videos'])
-        n, unit = total - skipped, 'clips'
+    unit = next((u for u in ('images', 'videos') if f'test/{u}' in metrics or f'test/skipped_{u}' in metrics), None)
+    if unit is not None and f'test/{unit}' in metrics:
+        n, skipped = int(metrics[f'test/{unit}']), int(metrics.get(f'test/skipped_{unit}', 0))
+    elif unit is not None and total is not None:
+        skipped = int(metrics[f'test/skipped_{unit}'])
+        n = total - skipped
     else:
         n, unit, skipped = total, 'images', 0
+    unit = {'videos': 'clips'}.get(unit, unit)
     count = f'{n:,}' if n is not None else 'all'
     return f'{count} {unit} of the {split} split' + (f' ({skipped} unreadable, skipped)' if skipped else '')
 
 
+def _data_attribute(name: str):
+    """What a link reads from the DataModule: its attribute ``name``, None if it has none (a user's own DataModule)."""
+    def read(datamodule):
+        return getattr(datamodule, name, None)
+    return read
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # A config states the devices and images per device once, on the data; the model receives them.
+        for source, target in (('virtual_devices', 'virtual_devices'), ('batch_size', 'images_per_device')):
+            parser.link_arguments('data', f'model.init_args.{target}', apply_on='instantiate',
+                                  compute_fn=_data_attribute(source))
         parser.add_argument('--test_after_fit', type=bool, default=False,
                             help='After fit, evaluate the final weights on the test set and print top-1.')
         parser.add_argument('--predict_output', type=str, default='predictions.csv',
-                            help='predict: where the top-k classes of every input go (.csv or .json).')
+                            help='predict: where the top-k classes of every input go (.csv, .jsonl or .json).')
         parser.add_argument('--top_k', type=int, default=5, help='predict: classes written per input.')
+        parser.add_argument('--predict_resume', type=bool, default=False,
+                            help='predict: continue after the rows already in the output (their inputs are not '
+                                 'predicted again) instead of overwriting it.')
         parser.add_argument('--use_checkpoint_hparams', type=bool, default=False,
                             help="With --ckpt_path: build the model from the checkpoint's hyper-parameters where they "
                                  'differ from the command line/config (default: refuse, naming the differences).')
@@ -74,10 +96,33 @@ class ZooCLI(LightningCLI):
             set_cpu_threads(int(workers or 0))
 
     def before_predict(self) -> None:
-        if any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
-            return  # the config names its own writer (e.g. segmentation masks)
+        """The writer that streams predictions to disk (see :mod:`lightning_modules.core.writer`).
+
+        A writer named in the config (e.g. ``SegmentationWriter``) is used as it is; otherwise the
+        DataModule's ``default_prediction_writer`` (classes: top-k into ``--predict_output``;
+        detection: that table plus a folder of per-image results). ``--predict_resume true``
+        continues after the rows already in the output instead of overwriting them (the default).
+        Predictions are not also kept in memory (``return_predictions: false``) unless asked.
+        """
+        from .writer import PredictionWriter
         cfg = self.config[self.subcommand]
-        self.trainer.callbacks.append(TopKWriter(cfg.get('predict_output'), cfg.get('top_k')))
+        resume = cfg.get('predict_resume')
+        writers = [c for c in self.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+        if not writers:
+            make = getattr(self.datamodule, 'default_prediction_writer', None)
+            kwargs = dict(top_k=cfg.get('top_k') or 5, resume=bool(resume))
+            writer = make(cfg.get('predict_output'), **kwargs) if callable(make) else \
+                TopKWriter(cfg.get('predict_output'), **kwargs)
+            if writer is not None:
+                self.trainer.callbacks.append(writer)
+                writers = [writer]
+        elif resume:  # a writer of the config: --predict_resume true turns its resume on
+            for writer in writers:
+                if isinstance(writer, PredictionWriter):
+                    writer.resume = True
+        run_cfg = self.config_init[self.subcommand]
+        if writers and run_cfg.get('return_predictions') is None:
+            run_cfg['return_predictions'] = False  # the writer has them; don't hold every batch's in memory
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -112,7 +157,14 @@ class ZooCLI(LightningCLI):
             return
         path = newest_resume_checkpoint(self.trainer)
         if path is None:
-            return  # Lightning warns that there is nothing to resume from and starts afresh
+            refused = resume_candidates(self.trainer)
+            if refused:  # never let Lightning's own 'last' open a file the zoo would not read
+                raise CheckpointResumeError(
+                    f'--ckpt_path last: no readable resume checkpoint; refused {", ".join(map(str, refused))} (see the '
+                    f'warnings above). Pass --ckpt_path <another checkpoint>, or move these files away to start afresh.')
+            rank_zero_warn('--ckpt_path last: no checkpoint to resume from yet; training starts afresh')
+            cfg['ckpt_path'] = None
+            return
         self._check_checkpoint_hparams(path, resolved=True)
         cfg['ckpt_path'] = path
 
@@ -172,10 +224,26 @@ class ZooCLI(LightningCLI):
         self.trainer.save_checkpoint(path, weights_only=False)  # full state: resumable
 
 
+DESCRIPTION = """\
+zoo-train: train, evaluate and predict with the wsbcn-zoo (Weight Standardization, Batch-Channel
+and Batch Group Normalization for micro-batch training), on Lightning's CLI.
+
+  zoo-train fit -c configs/cifar10/quickstart.yaml                  train (the README's quickstart)
+  zoo-train fit -c CONFIG --ckpt_path last                          resume a killed run exactly
+  zoo-train test -c CONFIG --ckpt_path PATH                         evaluate a checkpoint
+  zoo-train predict -c CONFIG --ckpt_path PATH --data.init_args.predict DIR   predict, streamed to disk
+
+Configs: configs/<task>/*.yaml (classification, video, detection, segmentation). Images per device
+and emulated devices are set on the data (data.init_args.batch_size, virtual_devices); the
+optimizer is the model's optim: block. Docs: docs/training.md, docs/architecture.md."""
+
+
 def build_cli(args: Optional[Sequence[str]] = None, run: bool = True) -> ZooCLI:
     return ZooCLI(
         pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={'overwrite': True}, args=args, run=run)
+        save_config_kwargs={'overwrite': True}, args=args, run=run,
+        auto_configure_optimizers=False,  # one way to set the optimizer: the model's optim: block
+        parser_kwargs={'description': DESCRIPTION, 'formatter_class': argparse.RawDescriptionHelpFormatter})
 
 
 def main(args: Optional[Sequence[str]] = None) -> None:

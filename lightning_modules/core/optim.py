@@ -15,7 +15,7 @@ same curve. Parameter groups:
 - parameters with ``requires_grad=False`` (a frozen backbone) are left out.
 """
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -32,7 +32,14 @@ SCHEDULES = ('cosine', 'step', 'multistep', 'poly', 'constant')
 
 @dataclass
 class OptimConfig:
-    """Everything the optimizer and schedule need; epochs may be fractional (converted to steps)."""
+    """The optimizer and its schedule: one nested argument of every task's module (``optim:`` in YAML).
+
+    Epochs may be fractional (converted to optimizer steps). Warm-up is given in epochs
+    (``warmup_epochs``) or in steps (``warmup_steps``, the detection recipes' unit), and starts
+    from ``warmup_lr`` or, when set, ``lr * warmup_factor``. ``milestones`` count from the start
+    of training, warm-up included (mmdet's 2x: 24 epochs, milestones 16 and 22).
+    ``backbone_lr_scale`` multiplies the learning rate of every parameter outside the head.
+    """
     optimizer: str = 'sgd'
     lr: float = 0.1
     momentum: float = 0.9
@@ -41,11 +48,14 @@ class OptimConfig:
     betas: Sequence[float] = (0.9, 0.999)
     schedule: str = 'cosine'
     warmup_epochs: float = 0.
+    warmup_steps: int = 0
     warmup_lr: float = 1e-5
+    warmup_factor: Optional[float] = None
     min_lr: float = 0.
     decay_epochs: float = 30.  # 'step': decay every this many epochs
-    milestones: Sequence[float] = field(default_factory=lambda: (30., 60., 90.))  # 'multistep'
+    milestones: Sequence[float] = (30., 60., 90.)  # 'multistep', in epochs from the start
     decay_rate: float = 0.1  # 'step' / 'multistep': the factor; 'poly': the power (0.9 for DeepLab)
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -54,6 +64,23 @@ class OptimConfig:
             raise ValueError(f'Unknown schedule {self.schedule!r}; choose one of {SCHEDULES}.')
         if self.lr <= 0:
             raise ValueError(f'lr must be positive, got {self.lr}')
+        if self.warmup_epochs and self.warmup_steps:
+            raise ValueError(f'Give the warm-up in epochs or in steps, not both (warmup_epochs={self.warmup_epochs}, '
+                             f'warmup_steps={self.warmup_steps})')
+        self.betas, self.milestones = tuple(self.betas), tuple(float(m) for m in self.milestones)
+
+    def in_epochs(self, steps_per_epoch: int) -> 'OptimConfig':
+        """This config with the warm-up in epochs and its start as ``warmup_lr``, what the scheduler takes."""
+        warmup = self.warmup_steps / steps_per_epoch if self.warmup_steps else self.warmup_epochs
+        if self.schedule == 'multistep' and any(m <= warmup for m in self.milestones) and warmup:
+            raise ValueError(f'milestones {[m for m in self.milestones if m <= warmup]} (epochs) fall inside the '
+                             f'warm-up of {warmup:.3g} epochs ({steps_per_epoch} steps per epoch)')
+        return replace(self, warmup_epochs=warmup, warmup_steps=0, warmup_factor=None,
+                       warmup_lr=self.lr * self.warmup_factor if self.warmup_factor is not None else self.warmup_lr)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Plain values (lists, not tuples) for checkpoint hyper-parameters and YAML."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def head_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -122,11 +149,10 @@ def _ndim(name: str, p: torch.Tensor, ndims: Optional[Dict[str, int]]) -> int:
 def create_optimizer(
         model: nn.Module,
         cfg: OptimConfig,
-        backbone_lr_scale: float = 1.0,
         ndims: Optional[Dict[str, int]] = None,
 ) -> torch.optim.Optimizer:
     """SGD or AdamW over :func:`param_groups` (``ndims``: see there)."""
-    groups = param_groups(model, cfg.weight_decay, backbone_lr_scale, ndims)
+    groups = param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale, ndims)
     if cfg.optimizer == 'sgd':
         return create_optimizer_v2(groups, opt='sgd', lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return create_optimizer_v2(groups, opt='adamw', lr=cfg.lr, betas=tuple(cfg.betas))
@@ -134,15 +160,17 @@ def create_optimizer(
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, num_epochs: float, steps_per_epoch: int):
     """A timm scheduler in optimizer steps: call ``step_update(global_step)`` after each update."""
+    cfg = cfg.in_epochs(max(1, steps_per_epoch))
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.schedule,
         num_epochs=max(num_epochs - cfg.warmup_epochs, 1. / max(1, steps_per_epoch)),
         warmup_prefix=True,  # decay starts from the peak lr once warm-up ends; total stays num_epochs
         decay_epochs=cfg.decay_epochs,
-        # timm's multistep decays when t + 1 reaches a milestone; shift by one update so the decay
-        # starts exactly at the milestone's first step.
-        decay_milestones=[m + 1. / max(1, steps_per_epoch) for m in cfg.milestones],
+        # Milestones count from the start; timm counts them after the warm-up (warmup_prefix), and its
+        # multistep decays when t + 1 reaches one: shift by both so the decay starts exactly at the
+        # milestone's first step.
+        decay_milestones=[m - cfg.warmup_epochs + 1. / max(1, steps_per_epoch) for m in cfg.milestones],
         decay_rate=cfg.decay_rate,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,

@@ -1,34 +1,33 @@
-"""Prediction on unlabeled images and clips: what ``zoo-train predict`` reads and writes, and a one-call API.
+"""Prediction on unlabeled images and clips: what ``zoo-train predict`` reads, and a one-call API.
 
 Inputs (:func:`list_inputs`): a folder (searched recursively), a text file with one path per line,
 or a CSV with a ``path`` column; relative paths in a list or CSV are relative to that file's folder.
-No class sub-folders and no labels are needed.
+No class sub-folders and no labels are needed. The DataModules turn them into
+:class:`~lightning_modules.core.datasets.PredictInputs` (images: :class:`UnlabeledImages`), whose
+unreadable files are an error naming the file, or with skipping on (``skip_corrupt``,
+``on_decode_error: skip``) a row with the reason in its ``error`` column.
 
-Output (:class:`TopKWriter`): one row per input, in input order, with its top-k classes, their
-label names and probabilities, as CSV or JSON (by the output file's extension). Label names come
-from the weights' ``label_names`` (the model's pretrained config) when they exist. An input that
-could not be decoded (videos with ``on_decode_error='skip'``) gets a row with its error instead.
+Output: the writers of :mod:`lightning_modules.core.writer` (:class:`TopKWriter` for classes),
+streamed to disk batch by batch; label names from the data or the weights.
 
 :func:`predict_file` does the same for one image or clip in Python, with the preprocessing of the
 model's pretrained config (timm's ``resolve_data_config``), so a tag's weights see what they were
 trained on.
 """
 import csv
-import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import BasePredictionWriter
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .datasets import load_rgb
+from .datasets import ImageLoader, PredictInputs, load_rgb
+from .writer import PredictionWriter, TopKWriter, label_names_of, resolve_label_names, top_k_rows
 
-__all__ = ['IMAGE_EXTENSIONS', 'list_inputs', 'UnlabeledImages', 'TopKWriter', 'label_names_of',
-           'top_k_rows', 'predict_file']
+__all__ = ['IMAGE_EXTENSIONS', 'list_inputs', 'UnlabeledImages', 'PredictionWriter', 'TopKWriter', 'label_names_of',
+           'resolve_label_names', 'top_k_rows', 'predict_file']
 
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS)
 
@@ -71,93 +70,14 @@ def list_inputs(source: Union[str, Path, Sequence[Union[str, Path]]], extensions
     return paths
 
 
-class UnlabeledImages(Dataset):
-    """Images without labels; items ``(image, index)``. An unreadable file raises, naming it."""
+class UnlabeledImages(PredictInputs):
+    """Images without labels for predict: items are :class:`~lightning_modules.core.datasets.PredictItem`
+    ``({'index', 'path'}, transform(image))``. An unreadable file raises, naming it, or with ``skip``
+    is skipped (its row gets the reason)."""
 
-    def __init__(self, paths: Sequence[Path], transform=None):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[Path], transform: Optional[Callable] = None, skip: bool = False):
+        super().__init__(paths, ImageLoader(transform), skip=skip, what='image')
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        img = load_rgb(self.paths[index])
-        return (self.transform(img) if self.transform is not None else img), index
-
-
-def label_names_of(model: nn.Module) -> Optional[List[str]]:
-    """The weights' class names, from the (timm) model's pretrained config, if it has them."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    names = cfg.get('label_names')
-    return list(names) if names else None
-
-
-def top_k_rows(probs: torch.Tensor, k: int, label_names: Optional[Sequence[str]]) -> List[List[Dict]]:
-    """Per sample: the ``k`` most probable classes as ``{'class', 'label', 'probability'}``."""
-    values, indices = probs.float().topk(min(k, probs.shape[-1]), dim=-1)
-    out = []
-    for vals, idxs in zip(values.tolist(), indices.tolist()):
-        out.append([{'class': i, 'label': label_names[i] if label_names and i < len(label_names) else str(i),
-                     'probability': round(v, 6)} for v, i in zip(vals, idxs)])
-    return out
-
-
-def _write(path: Path, rows: List[Dict], top_k: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == '.json':
-        path.write_text(json.dumps(rows, indent=1) + '\n')
-        return
-    fields = ['path'] + [f'{c}_{r}' for r in range(1, top_k + 1) for c in ('label', 'class', 'probability')] + ['error']
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            flat = {'path': row['path'], 'error': row.get('error', '')}
-            for r, entry in enumerate(row['top_k'], start=1):
-                flat.update({f'label_{r}': entry['label'], f'class_{r}': entry['class'],
-                             f'probability_{r}': entry['probability']})
-            writer.writerow(flat)
-
-
-class TopKWriter(BasePredictionWriter):
-    """Writes the top-k classes of every input of the predict loader to ``output`` (``.csv`` or ``.json``).
-
-    The predict dataset must have ``paths``; batches carry each item's index (images: ``(x, index)``;
-    clips: the ``label`` slot holds the index). ``label_names`` overrides the weights' own names.
-    """
-
-    def __init__(self, output: Union[str, Path], top_k: int = 5, label_names: Optional[Sequence[str]] = None):
-        super().__init__(write_interval='batch')
-        if Path(output).suffix.lower() not in ('.csv', '.json'):
-            raise ValueError(f'prediction output must end in .csv or .json, got {output}')
-        self.output = Path(output)
-        self.top_k = top_k
-        self.label_names = list(label_names) if label_names else None
-        self._rows: Dict[int, Dict] = {}
-
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self._rows = {}
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        indices = batch['label'] if isinstance(batch, dict) else batch[1]
-        paths = trainer.predict_dataloaders.dataset.paths
-        names = self.label_names or label_names_of(getattr(pl_module, 'model', pl_module))
-        for index, top in zip(indices.tolist(), top_k_rows(prediction, self.top_k, names)):
-            self._rows[index] = {'path': str(paths[index]), 'top_k': top}
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        paths = trainer.predict_dataloaders.dataset.paths
-        rows = [self._rows.get(i, {'path': str(p), 'top_k': [], 'error': 'not decoded (skipped)'})
-                for i, p in enumerate(paths)]
-        output = self.output
-        if trainer.world_size > 1:  # each process predicts its share; one file per process
-            output = output.with_name(f'{output.stem}.rank{trainer.global_rank}{output.suffix}')
-            rows = [r for i, r in enumerate(rows) if i in self._rows]
-        _write(output, rows, self.top_k)
-        skipped = sum('error' in r for r in rows)
-        print(f'Predictions for {len(rows) - skipped} of {len(rows)} inputs written to {output}'
-              + (f' ({skipped} could not be decoded)' if skipped else ''), flush=True)
 
 
 @torch.no_grad()
@@ -174,7 +94,7 @@ def predict_file(model: Union[str, nn.Module], path: Union[str, Path], top_k: in
         model = zoo.create_model(model, pretrained=True)
     model.eval()
     cfg = resolve_data_config(model=model)
-    from .video_data import VIDEO_EXTENSIONS, EvalViews, VideoClipDataset, VideoSample
+    from ..video.data import VIDEO_EXTENSIONS, EvalViews, VideoClipDataset, VideoSample
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
         views = EvalViews(cfg['input_size'][-1], num_crops=num_crops, mean=cfg['mean'], std=cfg['std'])

@@ -32,8 +32,16 @@ fail inside torchvision:
   image or category, a segmentation that cannot be decoded, an image whose size differs from
   its JSON entry: :class:`CocoFormatError`;
 - a corrupt image: :class:`~lightning_modules.datasets.CorruptImageError` naming the file, or with
-  ``skip_corrupt=True`` the next readable image instead, with a warning and counted in the
-  target's ``skipped`` (logged by the module as ``train/skipped_images``).
+  ``skip_corrupt=True`` skipped with a warning and counted, in every split, as every task does
+  (:mod:`lightning_modules.core.datasets`): in training the next readable image takes its place
+  (counted in the target's ``skipped``, logged by the module as ``train/skipped_images``); in
+  evaluation it is dropped from its batch, and batches are ``(images, targets, skipped)``; in
+  predict its row says why.
+
+Predict: the images of a folder (or a list / CSV of paths) at their original size; each input's
+``image_id`` comes from the annotation file when there is one (``predict_annotations``, or the
+annotations of the split whose folder is predicted), else from a COCO-style numeric file name
+(``000000000139.jpg`` -> 139), else from its position in the list.
 
 Training order and augmentation are exactly resumable mid-epoch: the loader is the classifier's
 (:class:`~lightning_modules.samplers.VirtualDeviceSampler` keys ``(index, epoch)``, the position kept
@@ -52,17 +60,19 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..datamodules import ImageDataModule, resolve_path
-from ..datasets import MAX_CONSECUTIVE_SKIPS, CorruptImageError, load_rgb, sample_seed
+from ..core.data import ImageDataModule, resolve_path
+from ..core.datasets import (MAX_CONSECUTIVE_SKIPS, CorruptImageError, PredictInputs, SkippedInput, load_rgb, log_skip,
+                             sample_seed)
+from ..core.predict import list_inputs
 
 __all__ = [
-    'CocoFormatError', 'CocoCategories', 'load_coco', 'CocoDetectionDataset', 'ImageListDataset',
-    'train_transform', 'collate_detection', 'CocoDetectionDataModule', 'IMAGE_EXTENSIONS']
+    'CocoFormatError', 'CocoCategories', 'load_coco', 'CocoDetectionDataset', 'ImageListDataset', 'image_ids_for',
+    'train_transform', 'collate_detection', 'collate_images', 'CocoDetectionDataModule', 'IMAGE_EXTENSIONS']
 
 _logger = logging.getLogger(__name__)
 
@@ -154,7 +164,11 @@ class CocoDetectionDataset(Dataset):
             (crowd regions kept with ``iscrowd``, plus ``area``).
         masks: decode the instance masks (False for box-only detectors).
         categories: label mapping to use (the training set's); None: this file's categories.
-        skip_corrupt: replace an unreadable image by the next readable one, counted in ``skipped``.
+        skip_corrupt: skip unreadable images (logged, counted) instead of raising.
+        replace_corrupt: with ``skip_corrupt``, replace an unreadable image by the next readable one,
+            counted in the target's ``skipped`` (default: in training), or return a
+            :class:`~lightning_modules.core.datasets.SkippedInput` that the evaluation collate drops
+            and counts (default: in evaluation).
         seed: base seed of the augmentation (with ``(index, epoch)`` keys).
     """
 
@@ -168,6 +182,7 @@ class CocoDetectionDataset(Dataset):
             categories: Optional[CocoCategories] = None,
             skip_corrupt: bool = False,
             seed: int = 0,
+            replace_corrupt: Optional[bool] = None,
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -179,6 +194,7 @@ class CocoDetectionDataset(Dataset):
         self.train = train
         self.masks = masks
         self.skip_corrupt = skip_corrupt
+        self.replace_corrupt = train if replace_corrupt is None else replace_corrupt
         self.seed = seed
         self.dropped: List[Tuple[str, int]] = []  # (file, annotation id) of degenerate boxes
         self.ignored_crowd = 0
@@ -265,7 +281,7 @@ class CocoDetectionDataset(Dataset):
         return target
 
     def _load(self, index: int) -> Tuple[Any, int, int]:
-        """(image, index actually loaded, images skipped)."""
+        """(image, index actually loaded, images skipped); the image is a SkippedInput when not replaced."""
         skipped = 0
         while True:
             image_id = self.image_ids[index]
@@ -275,8 +291,10 @@ class CocoDetectionDataset(Dataset):
             except CorruptImageError as e:
                 if not self.skip_corrupt:
                     raise
+                log_skip(e, 'image', 'skipped_images')
+                if not self.replace_corrupt:
+                    return SkippedInput(str(path), e.reason), index, 1
                 skipped += 1
-                _logger.warning('Skipping unreadable image (counted in train/skipped_images): %s', e)
                 if skipped >= min(MAX_CONSECUTIVE_SKIPS, len(self)):
                     raise CorruptImageError(f'{skipped} consecutive unreadable images up to {path}; '
                                             f'is {self.image_dir} intact?') from e
@@ -299,6 +317,8 @@ class CocoDetectionDataset(Dataset):
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         pil, index, skipped = self._load(index)
+        if isinstance(pil, SkippedInput):
+            return pil
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         if (pil.height, pil.width) != (info['height'], info['width']):
@@ -317,35 +337,95 @@ class CocoDetectionDataset(Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
-class ImageListDataset(Dataset):
-    """The images of a folder (sorted, recursively), unlabeled, at original size: for ``predict``.
+def _numbered_id(path: Path, position: int) -> int:
+    return int(path.stem) if path.stem.isdigit() else position
 
-    Items are ``(image, info)`` with ``info`` = ``{'path', 'image_id'}``; ``image_id`` is the file
-    name's number for COCO-style names (``000000000139.jpg`` -> 139), else the position in the list.
+
+def image_ids_for(paths: Sequence[Path], folder: Optional[Path] = None,
+                  annotations: Optional[Union[str, Path]] = None) -> List[int]:
+    """The COCO ``image_id`` of each predict input.
+
+    With ``annotations`` (a COCO JSON): the id of the image entry whose ``file_name`` is the input's
+    path relative to ``folder`` (or its file name); an input not in the file gets a numbered id
+    (below), with a warning naming it. Without: the file name's number for COCO-style names
+    (``000000000139.jpg`` -> 139), else the position in the list.
+    """
+    paths = [Path(p) for p in paths]
+    if annotations is None:
+        return [_numbered_id(p, i) for i, p in enumerate(paths)]
+    coco = load_coco(annotations)
+    by_name: Dict[str, int] = {}
+    for info in coco.dataset['images']:
+        by_name.setdefault(str(info['file_name']), int(info['id']))
+        by_name.setdefault(Path(str(info['file_name'])).name, int(info['id']))
+    ids, unknown = [], []
+    for i, p in enumerate(paths):
+        rel = str(p.relative_to(folder)) if folder is not None and p.is_relative_to(folder) else p.name
+        image_id = by_name.get(rel, by_name.get(p.name))
+        if image_id is None:
+            unknown.append(p)
+            image_id = _numbered_id(p, i)
+        ids.append(image_id)
+    if unknown:
+        _logger.warning('%d predict image(s) are not in %s; their image_id is the file name\'s number or position: %s',
+                        len(unknown), annotations, ', '.join(str(p) for p in unknown[:_MAX_LISTED]))
+    return ids
+
+
+class ImageListDataset(Dataset):
+    """The images of a folder (sorted, recursively), unlabeled, at original size.
+
+    Items are ``(image, info)`` with ``info`` = ``{'path', 'image_id'}`` (see :func:`image_ids_for`).
+    ``CocoDetectionDataModule`` predicts through :class:`~lightning_modules.core.datasets.PredictInputs`
+    (same images and ids, plus the shared skip rules); this stays for scripts.
     """
 
-    def __init__(self, folder: Union[str, Path]):
+    def __init__(self, folder: Union[str, Path], annotations: Optional[Union[str, Path]] = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f'Image folder {self.folder} does not exist')
         self.files = sorted(p for p in self.folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
             raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {self.folder}')
+        self.image_ids = image_ids_for(self.files, self.folder, annotations)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         path = self.files[index]
-        image = TF.to_dtype(TF.pil_to_tensor(load_rgb(path)), torch.float32, scale=True)
-        image_id = int(path.stem) if path.stem.isdigit() else index
-        return image, {'path': str(path), 'image_id': image_id}
+        return load_image_tensor(path), {'path': str(path), 'image_id': self.image_ids[index]}
+
+
+def load_image_tensor(path: Union[str, Path]) -> torch.Tensor:
+    """An image file as a float (3, H, W) tensor in [0, 1], at its size (what the detectors take)."""
+    return TF.to_dtype(TF.pil_to_tensor(load_rgb(path)), torch.float32, scale=True)
 
 
 def collate_detection(batch: Sequence[Tuple[torch.Tensor, Any]]) -> Tuple[List[torch.Tensor], List[Any]]:
     """Lists, not stacked tensors: the images differ in size (the detector pads them itself)."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def collate_images(images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Predict inputs: a list of images of their own sizes."""
+    return list(images)
+
+
+def empty_detection_batch() -> Tuple[List[torch.Tensor], List[Any]]:
+    """The evaluation batch of a loader whose images were all unreadable."""
+    return [], []
+
+
+class _ImageIds:
+    """``(position, path) -> {'image_id': ...}`` for :class:`PredictInputs` (picklable)."""
+
+    def __init__(self, paths: Sequence[Path], ids: Sequence[int]):
+        self.by_path = {str(p): int(i) for p, i in zip(paths, ids)}
+
+    def __call__(self, position: int, path: Path) -> Dict[str, int]:
+        return {'image_id': self.by_path[str(path)]}
 
 
 class CocoDetectionDataModule(ImageDataModule):
@@ -358,7 +438,14 @@ class CocoDetectionDataModule(ImageDataModule):
         root: dataset root (e.g. ``../shared/data/coco-mini``).
         train_images / train_annotations, val_images / val_annotations: image folders and
             instances JSONs; test_* default to the validation set.
-        predict_images: a folder of unlabeled images for ``zoo-train predict``.
+        predict_images: unlabeled images for ``zoo-train predict``: a folder, a list file or a CSV
+            with a ``path`` column (relative to the working directory or the repository).
+        predict_annotations: a COCO JSON (relative to ``root``) whose ``file_name`` s give the
+            predict images their ``image_id``; default: the annotations of the train / val / test
+            split whose image folder is ``predict_images``, if any (else numeric file names, else
+            positions, see :func:`image_ids_for`).
+        skip_corrupt: skip (log, count) unreadable images in every split and in predict instead of
+            stopping (see :mod:`lightning_modules.core.datasets`).
         min_size / max_size: shorter side / longest side after resizing (also given to the
             detector, which resizes evaluation images itself).
         hflip: horizontal flip probability in training.
@@ -389,6 +476,7 @@ class CocoDetectionDataModule(ImageDataModule):
             seed: Optional[int] = None,
             skip_corrupt: bool = False,
             pin_memory: bool = False,
+            predict_annotations: Optional[str] = None,
     ):
         super().__init__(batch_size=batch_size, virtual_devices=virtual_devices, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, seed=seed, skip_corrupt=skip_corrupt, pin_memory=pin_memory)
@@ -400,10 +488,15 @@ class CocoDetectionDataModule(ImageDataModule):
         self.test_images = test_images or val_images
         self.test_annotations = test_annotations or val_annotations
         self.predict_images = predict_images
+        self.predict_annotations = predict_annotations
         self.min_size, self.max_size, self.hflip, self.masks = min_size, max_size, hflip, masks
         self.train_transform = train_transform(min_size, max_size, hflip)
         self.categories: Optional[CocoCategories] = None
-        self.predict_set: Optional[ImageListDataset] = None
+        self.predict_set: Optional[PredictInputs] = None
+
+    train_collate_fn = staticmethod(collate_detection)
+    collate_fn = staticmethod(collate_detection)
+    empty_batch = staticmethod(empty_detection_batch)
 
     def _path(self, path: str) -> Path:
         return resolve_path(Path(self.root) / path if self.root is not None else path)
@@ -411,14 +504,22 @@ class CocoDetectionDataModule(ImageDataModule):
     def _coco_set(self, images: str, annotations: str, train: bool) -> CocoDetectionDataset:
         ds = CocoDetectionDataset(
             self._path(images), self._path(annotations), transform=self.train_transform if train else None,
-            train=train, masks=self.masks, categories=self.categories, skip_corrupt=self.skip_corrupt and train)
+            train=train, masks=self.masks, categories=self.categories, skip_corrupt=self.skip_corrupt)
         if self.categories is None:
             self.categories = ds.categories
         return ds
 
     @property
     def num_classes(self) -> Optional[int]:
+        """Including the background (label 0)."""
         return self.categories.num_classes if self.categories is not None else None
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """Names by label: ``__background__`` then the categories in id order (None before setup)."""
+        if self.categories is None:
+            return None
+        return ['__background__'] + [c['name'] for c in self.categories.categories]
 
     def build_datasets(self, stage: str):
         train = val = test = None
@@ -430,15 +531,51 @@ class CocoDetectionDataModule(ImageDataModule):
             test = self._coco_set(self.test_images, self.test_annotations, train=False)
         return train, val, test
 
+    def _predict_annotations(self, folder: Path) -> Optional[Path]:
+        """The annotation file that names the predict images: the given one, else the split's of that folder."""
+        if self.predict_annotations:
+            return self._path(self.predict_annotations)
+        for images, annotations in ((self.val_images, self.val_annotations), (self.test_images, self.test_annotations),
+                                    (self.train_images, self.train_annotations)):
+            if images and annotations and self._path(images).resolve() == folder.resolve() \
+                    and self._path(annotations).is_file():
+                return self._path(annotations)
+        return None
+
+    def build_predict_set(self) -> PredictInputs:
+        """The predict images at their size, each with its ``image_id`` (see :func:`image_ids_for`)."""
+        if not self.predict_images:
+            raise ValueError('predict needs images: set data.predict_images (a folder, a list file or a CSV)')
+        source = resolve_path(self.predict_images)
+        paths = list_inputs(source, IMAGE_EXTENSIONS)
+        folder = source if source.is_dir() else None
+        annotations = self._predict_annotations(folder) if folder is not None else (
+            self._path(self.predict_annotations) if self.predict_annotations else None)
+        if annotations is not None:
+            _logger.info('predict: image ids from %s', annotations)
+        ids = image_ids_for(paths, folder, annotations)
+        dataset = PredictInputs(paths, load_image_tensor, skip=self.skip_corrupt, meta=_ImageIds(paths, ids),
+                                what='image')
+        dataset.folder = folder
+        return dataset
+
+    def predict_collate(self):
+        return collate_images
+
     def setup(self, stage: str) -> None:
         if stage == 'predict':
-            if not self.predict_images:
-                raise ValueError('predict needs a folder of images: set data.predict_images')
-            self.predict_set = ImageListDataset(resolve_path(self.predict_images))
+            self.predict_set = self.build_predict_set()
             return
         super().setup(stage)
         if stage == 'fit' and self.train_set is None:
             raise ValueError('fit needs data.train_annotations')
+
+    def default_prediction_writer(self, output: str, top_k: int = 5, resume: bool = False):
+        """Detections: ``<output without extension>/`` gets a COCO results JSON and a drawn PNG per image,
+        ``output`` the table (path, prediction, error, image_id, detections, results_file, picture_file)."""
+        from .predict import DetectionWriter
+        output = Path(output)
+        return DetectionWriter(output_dir=str(output.with_suffix('')), table=str(output), resume=resume)
 
     def read_categories(self) -> Optional[CocoCategories]:
         """The label mapping of the training (else validation) annotations, if either file exists."""
@@ -446,9 +583,3 @@ class CocoDetectionDataModule(ImageDataModule):
             if ann and self._path(ann).is_file():
                 return CocoCategories.from_coco(load_coco(self._path(ann)))
         return None
-
-    def _loader_kwargs(self) -> dict:
-        return dict(super()._loader_kwargs(), collate_fn=collate_detection)
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())

@@ -30,7 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..emulation import VirtualDeviceNorm, is_batch_dependent, virtual_devices
+from ..core.emulation import VirtualDeviceNorm, is_batch_dependent, virtual_devices
 
 __all__ = ['RoiDeviceSizes', 'RoiDeviceNorm', 'detector_virtual_devices']
 

@@ -7,33 +7,34 @@
 - Metrics: torchmetrics ``MeanAveragePrecision`` (COCO protocol, pycocotools backend; crowd
   regions from the targets' ``iscrowd``), box and, for Mask R-CNN, mask AP:
   ``val/bbox_map``, ``val/bbox_map_50``, ... ``val/segm_map``, ... (and ``test/...``).
-- Optimizer: SGD without weight decay on norms and biases, linear warm-up over ``warmup_steps``
-  iterations from ``lr * warmup_factor``, then x``decay_rate`` at each of ``milestones`` (epochs,
-  fractional allowed: mmdet's 1x is 12 epochs with (8, 11), 2x is 24 with (16, 22)), stepped
-  per iteration (:mod:`lightning_modules.optim`). Mixed precision: the Trainer's ``precision``.
+- Optimizer (``optim``, shared with every task: :class:`~lightning_modules.core.optim.OptimConfig`):
+  by default mmdet's recipe, SGD lr 0.02 without weight decay on norms and biases, linear warm-up
+  over ``warmup_steps: 500`` iterations from ``lr * warmup_factor`` (0.001), then x``decay_rate``
+  at each of ``milestones`` (epochs from the start, fractional allowed: mmdet's 1x is 12 epochs
+  with (8, 11), 2x is 24 with (16, 22)), stepped per iteration. Mixed precision: the Trainer's
+  ``precision``. EMA, the non-finite-loss stop and exact resume come from
+  :class:`~lightning_modules.core.task.TaskModule`.
 - Micro-batches: ``virtual_devices`` from the DataModule, emulated by
   :func:`~lightning_modules.detection.emulation.detector_virtual_devices` (see there what is
   exact and what is not). Under real DDP nothing extra is needed.
 - The COCO category mapping (contiguous label -> COCO id and name) comes from the DataModule and
   is saved in checkpoints, so ``predict`` on unlabeled images writes the original ids.
 """
-import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
-import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from torchmetrics.detection import MeanAveragePrecision
 
 import zoo
-from ..classification import ImageClassifier
-from ..datasets import sample_seed
-from ..optim import OptimConfig, create_optimizer, create_scheduler
+from ..core.datasets import sample_seed
+from ..core.optim import OptimConfig
+from ..core.task import ClassCountError, TaskModule, as_optim_config
 from .data import CocoCategories
 from .emulation import detector_virtual_devices
 from .predict import coco_results
 
-__all__ = ['create_detector', 'optim_config', 'DetectionModule']
+__all__ = ['create_detector', 'DETECTION_OPTIM', 'DetectionModule']
 
 _MODEL_TARGET_KEYS = ('boxes', 'labels', 'masks')
 _EVAL_TARGET_KEYS = ('boxes', 'labels', 'masks', 'iscrowd', 'area')
@@ -45,22 +46,9 @@ def create_detector(model_name: str, num_classes: int, pretrained_backbone: Unio
     return zoo.create_detector(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
 
 
-def optim_config(lr: float, momentum: float, weight_decay: float, warmup_steps: int, warmup_factor: float,
-                 schedule: str, milestones: Sequence[float], decay_rate: float, steps_per_epoch: int) -> OptimConfig:
-    """The detection recipe as an :class:`OptimConfig`: warm-up in iterations, milestones in epochs from the start.
-
-    The shared scheduler counts milestones from the end of the warm-up (timm's ``warmup_prefix``),
-    so they are shifted by its length here: a milestone at epoch 16 decays at epoch 16 exactly.
-    """
-    warmup_epochs = warmup_steps / steps_per_epoch
-    early = [m for m in milestones if m <= warmup_epochs]
-    if schedule == 'multistep' and early:
-        raise ValueError(f'milestones {early} (epochs) fall inside the warm-up of {warmup_steps} steps '
-                         f'({warmup_epochs:.3g} epochs of {steps_per_epoch} steps)')
-    return OptimConfig(
-        optimizer='sgd', lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        warmup_epochs=warmup_epochs, warmup_lr=lr * warmup_factor,
-        milestones=tuple(m - warmup_epochs for m in milestones), decay_rate=decay_rate)
+# mmdet / Detectron's recipe: lr 0.02 for 16 images per step, 500 warm-up iterations, step decay.
+DETECTION_OPTIM = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=500, warmup_factor=0.001,
+                              schedule='multistep', milestones=(16., 22.), decay_rate=0.1)
 
 
 def _has_masks(model: nn.Module) -> bool:
@@ -68,7 +56,7 @@ def _has_masks(model: nn.Module) -> bool:
     return bool(roi_heads is not None and roi_heads.has_mask())
 
 
-class DetectionModule(pl.LightningModule):
+class DetectionModule(TaskModule):
     """Detection and instance segmentation with a torchvision ``GeneralizedRCNN`` detector.
 
     Args:
@@ -78,12 +66,11 @@ class DetectionModule(pl.LightningModule):
             path: a local copy of them), see ``zoo.create_detector``.
         model_kwargs: more keyword arguments of the detector (torchvision's ``MaskRCNN`` ones,
             e.g. ``box_batch_size_per_image``). ``min_size`` / ``max_size`` come from the DataModule.
-        virtual_devices: K devices emulated per process; None: the DataModule's.
-        lr, momentum, weight_decay: SGD (lr 0.02 for 16 images per step, mmdet / Detectron).
-        warmup_steps, warmup_factor: linear warm-up from ``lr * warmup_factor`` over that many steps.
-        schedule: ``multistep`` (step decay at ``milestones`` epochs by ``decay_rate``) or ``cosine``.
+        optim: optimizer and schedule; default :data:`DETECTION_OPTIM` (see the module docstring).
         mask_threshold: mask probability above which a pixel belongs to a predicted instance.
         seed: of the detector's random sampling; None: ``seed_everything``'s.
+        virtual_devices, images_per_device, ema_decay, bcn_batch_stage: see
+            :class:`~lightning_modules.core.task.TaskModule`.
     """
 
     def __init__(
@@ -92,48 +79,43 @@ class DetectionModule(pl.LightningModule):
             num_classes: int = 81,
             pretrained_backbone: Union[bool, str] = False,
             model_kwargs: Optional[Dict[str, Any]] = None,
-            virtual_devices: Optional[int] = None,
-            lr: float = 0.02,
-            momentum: float = 0.9,
-            weight_decay: float = 1e-4,
-            warmup_steps: int = 500,
-            warmup_factor: float = 0.001,
-            schedule: str = 'multistep',
-            milestones: Sequence[float] = (16., 22.),
-            decay_rate: float = 0.1,
+            optim: OptimConfig = DETECTION_OPTIM,
             mask_threshold: float = 0.5,
             seed: Optional[int] = None,
+            ema_decay: Optional[float] = None,
+            bcn_batch_stage: Optional[str] = None,
+            virtual_devices: Optional[int] = None,
+            images_per_device: Optional[int] = None,
     ):
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(as_optim_config(optim, DETECTION_OPTIM), virtual_devices, images_per_device, ema_decay,
+                         bcn_batch_stage)
+        self.save_task_hyperparameters()
         self.model_kwargs = dict(model_kwargs or {})
-        self.model = create_detector(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone,
-                                     **self.model_kwargs)
         self.num_classes = num_classes
-        self.virtual_devices = virtual_devices
         self.seed = seed
         self.categories: Optional[CocoCategories] = None
         self._sizes_from_data = False
+        self.attach_model(create_detector(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone,
+                                          **self.model_kwargs))
         iou_type = ('bbox', 'segm') if _has_masks(self.model) else 'bbox'
         self.val_map = MeanAveragePrecision(iou_type=iou_type, backend='pycocotools')
         self.test_map = MeanAveragePrecision(iou_type=iou_type, backend='pycocotools')
 
     # -- setup: what the DataModule decides --------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
-        data_k = getattr(dm, 'virtual_devices', None)
-        if self.virtual_devices is None:
-            self.virtual_devices = data_k or 1
-        elif data_k is not None and data_k != self.virtual_devices:
-            raise ValueError(f'model.virtual_devices={self.virtual_devices} but data.virtual_devices={data_k}; '
-                             f'set it on the DataModule only')
         self._apply_sizes(dm)
         categories = getattr(dm, 'categories', None)
         if categories is not None:
-            if categories.num_classes != self.num_classes:
-                raise ValueError(f'model.num_classes={self.num_classes} but the annotations have '
-                                 f'{len(categories.categories)} categories (+1 background = {categories.num_classes})')
             self.categories = categories
+
+    def check_classes(self, data) -> None:
+        """The annotations' categories plus the background must be the model's classes."""
+        categories = getattr(data, 'categories', None)
+        if categories is not None and categories.num_classes != self.num_classes:
+            raise ClassCountError(f'model.num_classes={self.num_classes} but the annotations have '
+                                  f'{len(categories.categories)} categories (+1 background = {categories.num_classes})')
 
     def _apply_sizes(self, dm) -> None:
         """The detector resizes like the DataModule (so its resize of training images is the identity)."""
@@ -155,13 +137,10 @@ class DetectionModule(pl.LightningModule):
         return dm.resolved_seed() if hasattr(dm, 'resolved_seed') else 0
 
     # -- training --------------------------------------------------------------------------------------
-    _check_finite = ImageClassifier._check_finite  # the classifier's stop, with the loss dict's terms
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
         n = len(images)
-        self.log('train/skipped_images', sum(int(t['skipped']) for t in targets), reduce_fx='sum', on_step=False,
-                 on_epoch=True, sync_dist=True, batch_size=n)
+        self.log_skipped('train/', sum(int(t['skipped']) for t in targets))
         model_targets = [{k: t[k] for k in _MODEL_TARGET_KEYS if k in t} for t in targets]
         devices = [self.device.index or 0] if self.device.type == 'cuda' else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else 'cuda'):
@@ -169,7 +148,7 @@ class DetectionModule(pl.LightningModule):
             with detector_virtual_devices(self.model, self.virtual_devices or 1):
                 losses = self.model(images, model_targets)
         loss = sum(losses.values())
-        self._check_finite(loss, batch_idx, ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items()))
+        self.check_finite(loss, batch_idx, ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items()))
         self.log('train/loss', loss, prog_bar=True, batch_size=n)
         self.log_dict({f'train/{k}': v for k, v in losses.items()}, batch_size=n)
         self.log('train/lr', self.trainer.optimizers[0].param_groups[0]['lr'], batch_size=n)
@@ -180,9 +159,11 @@ class DetectionModule(pl.LightningModule):
         """Detections in the images' own coordinates (``boxes``, ``labels``, ``scores``, ``masks``)."""
         return self.model(images)
 
-    def _eval_step(self, batch, metric: MeanAveragePrecision) -> None:
-        images, targets = batch
-        outputs = self.model(images)
+    def _eval_step(self, batch, metric: MeanAveragePrecision, prefix: str) -> None:
+        images, targets = batch[0], batch[1]
+        if not self.log_scored(prefix, len(images), batch[2] if len(batch) > 2 else None):
+            return  # every image of this batch was unreadable (skip_corrupt)
+        outputs = self.eval_model()(images)
         preds = []
         for out in outputs:
             pred = {k: out[k] for k in ('boxes', 'scores', 'labels')}
@@ -202,13 +183,13 @@ class DetectionModule(pl.LightningModule):
         self.log_dict(scalars)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_map)
+        self._eval_step(batch, self.val_map, 'val/')
 
     def on_validation_epoch_end(self) -> None:
         self._log_map(self.val_map, 'val/')
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_map)
+        self._eval_step(batch, self.test_map, 'test/')
 
     def on_test_epoch_end(self) -> None:
         self._log_map(self.test_map, 'test/')
@@ -224,41 +205,30 @@ class DetectionModule(pl.LightningModule):
                           'the model\'s contiguous labels as category_id')
 
     def predict_step(self, batch, batch_idx: int) -> List[Dict[str, Any]]:
-        images, infos = batch
+        """COCO results of the readable images of a batch (``[]`` when it has none: the writer writes the
+        unreadable ones' rows)."""
+        from ..core.datasets import PredictBatch
+        if isinstance(batch, PredictBatch):
+            if batch.inputs is None:
+                return []
+            images, infos = batch.inputs, batch.meta
+        else:
+            images, infos = batch
         outputs = self.model(images)
         return [{'path': info['path'], 'image_id': info['image_id'],
                  'results': coco_results(out, info['image_id'], self.categories, self.hparams.mask_threshold)}
                 for info, out in zip(infos, outputs)]
 
-    # -- optimization --------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        batches = self.trainer.num_training_batches
-        sampler = getattr(self.trainer.datamodule, 'train_sampler', None)
-        if batches == float('inf') and callable(sampler):
-            # max_steps without max_epochs: Lightning has not loaded the training data yet (and loading it
-            # here would skip a resumed loader's position), so count the batches of an epoch from the sampler.
-            batches = sampler().batches_per_epoch
-        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) \
-            if batches not in (None, float('inf')) else total_steps
-        hp = self.hparams
-        cfg = optim_config(hp.lr, hp.momentum, hp.weight_decay, hp.warmup_steps, hp.warmup_factor, hp.schedule,
-                           hp.milestones, hp.decay_rate, steps_per_epoch)
-        optimizer = create_optimizer(self.model, cfg)
-        scheduler = create_scheduler(optimizer, cfg, total_steps / steps_per_epoch, steps_per_epoch)
-        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)
-
     # -- checkpoints: the category mapping and input size travel with the weights ----------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.categories is not None:
             checkpoint['coco_categories'] = self.categories.to_list()
         transform = self.model.transform
         checkpoint['detector_input_size'] = {'min_size': list(transform.min_size), 'max_size': transform.max_size}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get('coco_categories'):
             self.categories = CocoCategories(checkpoint['coco_categories'])
         size = checkpoint.get('detector_input_size')

@@ -12,30 +12,51 @@ labels outside ``0 .. num_classes - 1`` (other than the ignore index) raise :cla
 naming the file. Training batches are ``batch_size`` crops per (virtual) device, drawn in the
 resumable per-device order of :mod:`lightning_modules.samplers`; augmentation is seeded from
 ``(seed, epoch, index)`` as for classification, so a resumed run sees the same crops.
+
+An image or mask file that cannot be decoded (truncated, empty, not an image) raises
+:class:`~lightning_modules.core.datasets.CorruptImageError` / :class:`UnreadableMaskError` naming
+it, or with ``skip_corrupt=True`` is skipped, logged and counted as in every task
+(:mod:`lightning_modules.core.datasets`): training takes the next readable pair instead (items and
+batches then carry ``skipped``), evaluation drops it from its batch (batches carry ``skipped``;
+an all-bad batch has no images), predict writes its row with the reason.
+
+Class names: ``class_names`` (a list, or a file: one name per line, or a JSON list of names or of
+``{"name": ...}`` entries such as coco-mini's ``semantic_categories.json``).
 """
-import random
+import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from ..datamodules import ImageDataModule, resolve_path
-from ..datasets import load_rgb, sample_seed
+from ..core.data import ImageDataModule, resolve_path
+from ..core.datasets import (MAX_CONSECUTIVE_SKIPS, CorruptImageError, PredictInputs, SkippedInput,
+                             UnreadableInputError, load_rgb, log_skip, sample_seed, seeded)
+from ..core.predict import IMAGE_EXTENSIONS, list_inputs
 from .transforms import IGNORE_INDEX, eval_image_transform, pad_collate, train_transform
 
-__all__ = ['MaskError', 'load_mask', 'SegmentationFolderDataset', 'SegmentationDataModule']
+__all__ = ['MaskError', 'UnreadableMaskError', 'load_mask', 'read_class_names', 'SegmentationFolderDataset',
+           'SegmentationDataModule']
 
 MASK_MODES = ('L', 'P')
 
 
 class MaskError(ValueError):
     """A segmentation mask that does not fit its image or the classes (the message names the file)."""
+
+
+class UnreadableMaskError(MaskError, UnreadableInputError):
+    """A mask file that cannot be decoded (skipped like an unreadable image with ``skip_corrupt``)."""
+
+    def __init__(self, message: str, path: Union[str, Path], reason: str):
+        super().__init__(message)
+        self.path, self.reason = str(path), reason
 
 
 def load_mask(path: Union[str, Path], image_size: Tuple[int, int], num_classes: int,
@@ -51,7 +72,8 @@ def load_mask(path: Union[str, Path], image_size: Tuple[int, int], num_classes: 
     except MaskError:
         raise
     except (OSError, ValueError, SyntaxError) as e:
-        raise MaskError(f'Cannot read mask {path}: {type(e).__name__}: {e}') from e
+        reason = f'{type(e).__name__}: {e}'
+        raise UnreadableMaskError(f'Cannot read mask {path}: {reason}', path, f'mask {Path(path).name}: {reason}') from e
     if size != tuple(image_size):
         raise MaskError(f'Mask {path} is {size[0]}x{size[1]} (WxH) but its image {image_path or ""} is '
                         f'{image_size[0]}x{image_size[1]}: a mask must have its image\'s size')
@@ -64,18 +86,48 @@ def load_mask(path: Union[str, Path], image_size: Tuple[int, int], num_classes: 
     return arr
 
 
-def _seeded(fn: Callable, seed: Optional[int], *args):
-    """``fn(*args)`` with torch and python RNGs seeded by ``seed``, leaving the process's RNGs untouched."""
-    if seed is None:
-        return fn(*args)
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return fn(*args)
-        finally:
-            random.setstate(py_state)
+_seeded = seeded  # the name it had
+
+
+def read_class_names(source: Union[str, Path, Sequence[str], None], root: Optional[Path] = None) -> Optional[List[str]]:
+    """Class names from a list, or a file (relative to ``root``): one name per line (``.txt``), or a JSON
+    list of names or of ``{"name": ...}`` entries (ordered by their ``index`` when they have one)."""
+    if source is None:
+        return None
+    if not isinstance(source, (str, Path)):
+        return [str(n) for n in source]
+    path = Path(source)
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'class_names file {path} does not exist')
+    if path.suffix.lower() == '.json':
+        entries = json.loads(path.read_text())
+        if entries and isinstance(entries[0], dict):
+            entries = [e['name'] for e in sorted(entries, key=lambda e: e.get('index', 0))]
+        return [str(n) for n in entries]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class SegmentationImageLoader:
+    """``path -> {'image': eval_transform(image), 'orig_size': (H, W)}``, a predict sample (picklable)."""
+
+    def __init__(self, image_transform: Optional[Callable] = None):
+        self.image_transform = image_transform
+
+    def __call__(self, path: Path) -> Dict[str, Any]:
+        img = load_rgb(path)
+        image = tv_tensors.Image(TF.pil_to_tensor(img))
+        if self.image_transform is not None:
+            image = self.image_transform(image)
+        return {'image': image.as_subclass(torch.Tensor), 'orig_size': (img.size[1], img.size[0])}
+
+
+def empty_segmentation_batch() -> Dict[str, Any]:
+    """The evaluation batch of a loader whose images were all unreadable."""
+    return {'image': torch.empty(0, 3, 0, 0), 'size': torch.empty(0, 2, dtype=torch.long), 'mask': [],
+            'index': torch.empty(0, dtype=torch.long), 'orig_size': torch.empty(0, 2, dtype=torch.long)}
 
 
 class SegmentationFolderDataset(Dataset):
@@ -86,6 +138,9 @@ class SegmentationFolderDataset(Dataset):
     ``mask`` at the original size, ``index`` and ``orig_size`` (H, W). Without ``mask_dir`` (prediction): no ``mask``.
     ``ids``: the stems to use (a VOC split list), default every image with ``image_suffix``.
     Keys ``(index, epoch)`` seed the training augmentation (see :class:`VirtualDeviceSampler`).
+    ``skip_corrupt``: an unreadable image or mask is logged and replaced by the next readable pair
+    (``replace_corrupt``, the default in training; items then carry ``skipped``), or returned as a
+    :class:`~lightning_modules.core.datasets.SkippedInput` (evaluation), instead of raising.
     """
 
     def __init__(
@@ -101,6 +156,8 @@ class SegmentationFolderDataset(Dataset):
             ids: Optional[Sequence[str]] = None,
             limit: Optional[int] = None,
             seed: int = 0,
+            skip_corrupt: bool = False,
+            replace_corrupt: Optional[bool] = None,
     ):
         self.image_dir = Path(image_dir)
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
@@ -126,29 +183,53 @@ class SegmentationFolderDataset(Dataset):
         self.transform = transform
         self.image_transform = image_transform
         self.seed = seed
+        self.skip_corrupt = skip_corrupt
+        self.replace_corrupt = transform is not None if replace_corrupt is None else replace_corrupt
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
-        index, epoch = key if isinstance(key, tuple) else (key, None)
+    def _load_pair(self, index: int):
         img = load_rgb(self.images[index])
-        image = tv_tensors.Image(TF.pil_to_tensor(img))
         mask = None
         if self.masks[index] is not None:
             arr = load_mask(self.masks[index], img.size, self.num_classes, self.ignore_index, self.images[index])
             mask = tv_tensors.Mask(torch.from_numpy(arr.copy()))
+        return img, mask
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        skipped = 0
+        while True:
+            try:
+                img, mask = self._load_pair(index)
+                break
+            except (CorruptImageError, UnreadableMaskError) as e:
+                if not self.skip_corrupt:
+                    raise
+                log_skip(e, 'image', 'skipped_images')
+                if not self.replace_corrupt:
+                    return SkippedInput(str(self.images[index]), e.reason)
+                skipped += 1
+                if skipped >= min(MAX_CONSECUTIVE_SKIPS, len(self)):
+                    raise CorruptImageError(f'{skipped} consecutive unreadable images or masks up to '
+                                            f'{self.images[index]}; is {self.image_dir} intact?') from e
+                index = (index + 1) % len(self)
+        image = tv_tensors.Image(TF.pil_to_tensor(img))
         if self.transform is not None:  # training: joint transform of image and mask
             if mask is None:
                 raise ValueError(f'A training set needs masks (no mask folder given for {self.image_dir})')
             seed = None if epoch is None else sample_seed(self.seed, epoch, index)
-            image, mask = _seeded(self.transform, seed, image, mask)
-            return {'image': image.as_subclass(torch.Tensor), 'mask': mask.as_subclass(torch.Tensor).long()}
-        if self.image_transform is not None:
-            image = self.image_transform(image)
-        item = {'image': image.as_subclass(torch.Tensor), 'index': index, 'orig_size': (img.size[1], img.size[0])}
-        if mask is not None:
-            item['mask'] = mask.as_subclass(torch.Tensor).long()
+            image, mask = seeded(self.transform, seed, image, mask)
+            item = {'image': image.as_subclass(torch.Tensor), 'mask': mask.as_subclass(torch.Tensor).long()}
+        else:
+            if self.image_transform is not None:
+                image = self.image_transform(image)
+            item = {'image': image.as_subclass(torch.Tensor), 'index': index, 'orig_size': (img.size[1], img.size[0])}
+            if mask is not None:
+                item['mask'] = mask.as_subclass(torch.Tensor).long()
+        if self.skip_corrupt and self.replace_corrupt:
+            item['skipped'] = skipped
         return item
 
 
@@ -170,12 +251,16 @@ class SegmentationDataModule(ImageDataModule):
         train_list, val_list: optional split lists (one image id per line, e.g. VOC's
             ``ImageSets/Segmentation/train.txt``); default: every image in the folder.
         test_images, test_masks: test split (default: the validation split).
-        predict_images: folder of images for ``predict`` (default: the validation images).
+        predict_images: images for ``predict``: a folder (relative to ``root``), or a list file or a
+            CSV with a ``path`` column (default: the validation images).
         image_suffix, mask_suffix: file endings pairing ``<id><image_suffix>`` with ``<id><mask_suffix>``.
         crop_size, base_size, scale_range, hflip: training augmentation (see :mod:`.transforms`).
         eval_size: resize the shorter side of eval / predict images (masks keep their size); None: full size.
         train_limit, val_limit: use only the first n images (quick runs).
         batch_size: crops per device; eval_batch_size: images per eval batch (padded together).
+        skip_corrupt: skip (log, count) unreadable images and masks in every split and in predict
+            instead of stopping (see the module doc).
+        class_names: the classes' names, a list or a file relative to ``root`` (see :func:`read_class_names`).
         Others: see :class:`lightning_modules.ImageDataModule`.
     """
 
@@ -210,9 +295,11 @@ class SegmentationDataModule(ImageDataModule):
             num_workers: int = 2,
             seed: Optional[int] = None,
             pin_memory: bool = False,
+            skip_corrupt: bool = False,
+            class_names: Optional[Union[str, List[str]]] = None,
     ):
         super().__init__(batch_size=batch_size, virtual_devices=virtual_devices, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+                         num_workers=num_workers, seed=seed, skip_corrupt=skip_corrupt, pin_memory=pin_memory)
         self.root = root
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -224,6 +311,21 @@ class SegmentationDataModule(ImageDataModule):
         self.train_transform = train_transform(crop_size, base_size, scale_range, hflip, mean, std, ignore_index)
         self.eval_transform = eval_image_transform(eval_size, mean, std)
         self.predict_set = None
+        self._class_names_source = class_names
+        self._class_names: Optional[List[str]] = None
+
+    collate_fn = staticmethod(pad_collate)  # eval and predict: images of different sizes, padded
+    empty_batch = staticmethod(empty_segmentation_batch)
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """``class_names`` as given (read from its file), None when not given; checked against ``num_classes``."""
+        if self._class_names is None and self._class_names_source is not None:
+            names = read_class_names(self._class_names_source, resolve_path(self.root))
+            if len(names) != self.num_classes:
+                raise ValueError(f'class_names has {len(names)} names but num_classes={self.num_classes}')
+            self._class_names = names
+        return self._class_names
 
     def _dataset(self, split: str, training: bool = False, limit: Optional[int] = None) -> SegmentationFolderDataset:
         root = resolve_path(self.root)
@@ -232,7 +334,7 @@ class SegmentationDataModule(ImageDataModule):
             root / images, root / masks, self.num_classes, self.image_suffix, self.mask_suffix, self.ignore_index,
             transform=self.train_transform if training else None,
             image_transform=None if training else self.eval_transform,
-            ids=_read_ids(root / ids if ids else None), limit=limit)
+            ids=_read_ids(root / ids if ids else None), limit=limit, skip_corrupt=self.skip_corrupt)
 
     def build_datasets(self, stage: str):
         train = self._dataset('train', training=True, limit=self.train_limit) if stage == 'fit' else None
@@ -240,19 +342,30 @@ class SegmentationDataModule(ImageDataModule):
         test = val if self.dirs['test'] == self.dirs['val'] else self._dataset('test')
         return train, val, test
 
+    def build_predict_set(self) -> PredictInputs:
+        """``predict_images`` (a folder relative to ``root``: its ``*<image_suffix>`` files; or a list / CSV
+        of paths), else the validation images (the first ``val_limit``)."""
+        root = resolve_path(self.root)
+        images, _, ids = self.dirs['val']
+        ids = _read_ids(root / ids if ids else None)
+        limit = self.val_limit
+        source = root / images
+        if self.predict_images:
+            source = root / self.predict_images
+            source = source if source.exists() else resolve_path(self.predict_images)
+            ids, limit = None, None
+        if source.is_dir():
+            paths = SegmentationFolderDataset(source, None, self.num_classes, self.image_suffix, ids=ids,
+                                              limit=limit).images
+        else:
+            paths = list_inputs(source, IMAGE_EXTENSIONS)
+        return PredictInputs(paths, SegmentationImageLoader(self.eval_transform), skip=self.skip_corrupt, what='image')
+
+    def default_prediction_writer(self, output: str, top_k: int = 5, resume: bool = False):
+        return None  # masks and overlays: name a SegmentationWriter (and its output_dir) in the config
+
     def setup(self, stage: str) -> None:
         if stage == 'predict':
-            root = resolve_path(self.root)
-            folder = root / (self.predict_images or self.dirs['val'][0])
-            self.predict_set = SegmentationFolderDataset(
-                folder, None, self.num_classes, self.image_suffix, image_transform=self.eval_transform,
-                limit=None if self.predict_images else self.val_limit)
+            self.predict_set = self.build_predict_set()
             return
         super().setup(stage)
-
-    def _eval_loader(self, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=pad_collate,
-                          **self._loader_kwargs())
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_set)

@@ -8,15 +8,14 @@
   the masks' full resolution: logits are cropped to each image's own size (eval batches are
   padded) and upsampled to its mask.
 - Eval at full size, or by sliding window (``sliding_window``: window size; ``sliding_stride``).
-- Schedule: the usual poly decay ``lr * (1 - t / T) ** 0.9`` per iteration (``schedule='poly'``,
-  ``decay_rate`` = the power), from :mod:`lightning_modules.optim`.
-- Micro-batches: ``virtual_devices`` emulates K devices in one process, as ``ImageClassifier``
-  does; a non-finite loss stops training with :class:`~lightning_modules.NonFiniteLossError`.
+- Schedule (``optim``, shared with every task): by default the usual poly decay
+  ``lr * (1 - t / T) ** 0.9`` per iteration (``schedule: poly``, ``decay_rate`` = the power).
+- Micro-batches: ``virtual_devices`` emulates K devices in one process, as for every task; EMA, the
+  non-finite-loss stop and exact resume come from :class:`~lightning_modules.core.task.TaskModule`.
 """
 import contextlib
 from typing import Any, Dict, List, Optional, Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,9 +23,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from zoo.segmentation import create_segmenter
-from ..classification import ImageClassifier
-from ..emulation import split_devices, virtual_devices
-from ..optim import OptimConfig, param_ndims
+from ..core.emulation import split_devices, virtual_devices
+from ..core.optim import OptimConfig
+from ..core.task import TaskModule, as_optim_config
 from .transforms import IGNORE_INDEX
 
 __all__ = ['SemanticSegmenter', 'segmentation_metrics', 'sliding_window_logits', 'update_metrics']
@@ -87,21 +86,26 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, window: int, stride
     return (logits / count)[:, :, :h, :w]
 
 
-class SemanticSegmenter(pl.LightningModule):
+# DeepLab's recipe: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly decay of power 0.9 per iteration.
+SEGMENTATION_OPTIM = OptimConfig(lr=0.01, momentum=0.9, weight_decay=1e-4, schedule='poly', decay_rate=0.9)
+
+
+class SemanticSegmenter(TaskModule):
     """Semantic segmentation with a zoo segmenter (``zoo.list_segmenters()``).
 
     Args:
         model_name: e.g. ``deeplabv3_resnet101_wsbcn``, ``deeplabv3_resnet50_wsgn``, ``deeplabv3_resnet101`` (BN).
-        num_classes: classes (VOC: 21 with background; COCO panoptic / coco-mini: 133).
+        num_classes: classes (VOC: 21 with background; COCO panoptic / coco-mini: 133; CamVid: 11);
+            checked against the DataModule's.
         pretrained_backbone: ImageNet backbone weights (see :func:`zoo.segmentation.build_deeplabv3`).
         model_kwargs: other ``create_segmenter`` kwargs: ``output_stride`` (8 / 16), ``aux_loss``, ...
         ignore_index: label of unlabelled pixels (no loss, no metric).
         aux_weight: weight of the auxiliary loss (when the model has ``aux_loss``).
         sliding_window, sliding_stride: evaluate by sliding window of this size (None: whole image).
-        virtual_devices: K devices per process (None: the DataModule's ``virtual_devices``).
-        backbone_lr_scale: learning-rate multiplier of the backbone (heads at full lr).
-        optimizer .. min_lr: see :class:`lightning_modules.optim.OptimConfig`; default SGD lr 0.01,
-            momentum 0.9, weight decay 1e-4, poly schedule of power ``decay_rate`` = 0.9.
+        optim: optimizer and schedule; default :data:`SEGMENTATION_OPTIM` (``backbone_lr_scale``
+            there gives a pretrained backbone a lower learning rate than the heads).
+        virtual_devices, images_per_device, ema_decay, bcn_batch_stage: see
+            :class:`~lightning_modules.core.task.TaskModule`.
     """
 
     def __init__(
@@ -114,52 +118,27 @@ class SemanticSegmenter(pl.LightningModule):
             aux_weight: float = 0.4,
             sliding_window: Optional[int] = None,
             sliding_stride: Optional[int] = None,
+            optim: OptimConfig = SEGMENTATION_OPTIM,
+            ema_decay: Optional[float] = None,
+            bcn_batch_stage: Optional[str] = None,
             virtual_devices: Optional[int] = None,
-            backbone_lr_scale: float = 1.0,
-            optimizer: str = 'sgd',
-            lr: float = 0.01,
-            momentum: float = 0.9,
-            nesterov: bool = False,
-            weight_decay: float = 1e-4,
-            betas: Sequence[float] = (0.9, 0.999),
-            schedule: str = 'poly',
-            decay_rate: float = 0.9,
-            warmup_epochs: float = 0.0,
-            warmup_lr: float = 1e-5,
-            min_lr: float = 0.0,
+            images_per_device: Optional[int] = None,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.optim_cfg = OptimConfig(
-            optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            betas=tuple(betas), schedule=schedule, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr,
-            decay_rate=decay_rate)
-        self.model = create_segmenter(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone,
-                                      **(model_kwargs or {}))
+        super().__init__(as_optim_config(optim, SEGMENTATION_OPTIM), virtual_devices, images_per_device, ema_decay,
+                         bcn_batch_stage)
+        self.save_task_hyperparameters()
+        self.attach_model(create_segmenter(model_name, num_classes=num_classes, pretrained_backbone=pretrained_backbone,
+                                           **(model_kwargs or {})))
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.aux_weight = aux_weight
         self.sliding_window = sliding_window
         self.sliding_stride = sliding_stride or (2 * sliding_window // 3 if sliding_window else None)
-        self.backbone_lr_scale = backbone_lr_scale
-        self.param_ndims = param_ndims(self.model)  # before a strategy (FSDP) flattens the parameters
-        self.bcn_batch_stage = None  # large-batch BCN stages: estimated under 16 images per device (setup)
-        self.virtual_devices = virtual_devices
         self.train_metrics = segmentation_metrics(num_classes, 'train/', ignore_index)
         self.val_metrics = segmentation_metrics(num_classes, 'val/', ignore_index)
         self.test_metrics = segmentation_metrics(num_classes, 'test/', ignore_index)
         # each class's IoU on the test split, logged as test/iou_<class index> (the mean hides the rare classes)
         self.test_class_iou = MulticlassJaccardIndex(num_classes, average='none', ignore_index=ignore_index)
-
-    # Shared with the classifier: virtual-device bookkeeping, the non-finite-loss stop, RNG states in
-    # checkpoints (exact resume), optimizer and per-iteration schedule.
-    setup = ImageClassifier.setup
-    _log_bcn_switch = ImageClassifier._log_bcn_switch
-    _check_finite = ImageClassifier._check_finite
-    on_save_checkpoint = ImageClassifier.on_save_checkpoint
-    on_load_checkpoint = ImageClassifier.on_load_checkpoint
-    lr_scheduler_step = ImageClassifier.lr_scheduler_step
-    configure_optimizers = ImageClassifier.configure_optimizers  # poly / cosine / step per iteration
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes, H, W) at the input size."""
@@ -178,6 +157,8 @@ class SemanticSegmenter(pl.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if 'skipped' in batch:  # unreadable pairs replaced by the next readable ones (skip_corrupt)
+            self.log_skipped('train/', batch['skipped'])
         x, y = batch['image'], batch['mask']
         k = self.virtual_devices or 1
         with virtual_devices(self.model, k):
@@ -187,7 +168,7 @@ class SemanticSegmenter(pl.LightningModule):
             aux = self._loss(out['aux'], y, k)
             loss = main + self.aux_weight * aux
             self.log('train/aux_loss', aux)
-        self._check_finite(loss, batch_idx)
+        self.check_finite(loss, batch_idx)
         self.log('train/loss', loss, prog_bar=True)
         self.log('train/lr', self.trainer.optimizers[0].param_groups[0]['lr'])
         update_metrics(self.train_metrics, out['out'].detach().argmax(1), y)
@@ -198,8 +179,9 @@ class SemanticSegmenter(pl.LightningModule):
     def image_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval logits of a (padded) batch, whole image or by sliding window."""
         if self.sliding_window:
-            return sliding_window_logits(self.model, x, self.sliding_window, self.sliding_stride, self.num_classes)
-        return self(x)
+            return sliding_window_logits(self.eval_model(), x, self.sliding_window, self.sliding_stride,
+                                         self.num_classes)
+        return self.eval_model()(x)['out']
 
     def per_image_logits(self, batch: Dict[str, Any], sizes: Sequence) -> List[torch.Tensor]:
         """(num_classes, h, w) logits of each image, cropped to its own size and resized to ``sizes[i]``."""
@@ -215,6 +197,8 @@ class SemanticSegmenter(pl.LightningModule):
     def _eval_step(self, batch: Dict[str, Any], metrics: MetricCollection, prefix: str,
                    class_iou: Optional[MulticlassJaccardIndex] = None) -> None:
         masks = batch['mask']
+        if not self.log_scored(prefix, len(masks), batch.get('skipped')):
+            return  # every image of this batch was unreadable (skip_corrupt)
         logits = self.per_image_logits(batch, [m.shape[-2:] for m in masks])
         loss = torch.stack([self._loss(li[None], m[None]) for li, m in zip(logits, masks)]).mean()
         self.log(f'{prefix}loss', loss, sync_dist=True, batch_size=len(masks))
@@ -258,7 +242,14 @@ class SemanticSegmenter(pl.LightningModule):
         The original size is the eval transform's input size: read from ``batch['orig_size']`` when
         the loader provides it, else the (cropped) input size.
         """
+        from ..core.datasets import PredictBatch
+        index = None
+        if isinstance(batch, PredictBatch):  # readable images only; the writer writes the unreadable ones' rows
+            index = torch.tensor([m['index'] for m in batch.meta], dtype=torch.long)
+            if batch.inputs is None:
+                return {'labels': [], 'index': index}
+            batch = batch.inputs
         sizes = batch['orig_size'].tolist() if 'orig_size' in batch else batch['size'].tolist()
         labels = [li.argmax(0) for li in self.per_image_logits(batch, sizes)]
-        return {'labels': labels, 'index': batch['index']}
+        return {'labels': labels, 'index': batch['index'] if 'index' in batch else index}
 

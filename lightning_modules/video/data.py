@@ -12,9 +12,12 @@ holds the decoded clip in memory.
 
 A clip that cannot be decoded (missing, truncated, damaged header, no video stream, zero frames)
 raises :class:`VideoDecodeError`, naming the file and the reason. With
-``on_decode_error='skip'`` it is dropped from its batch instead, with a warning naming the file,
-and counted: batches carry ``skipped``, which :class:`~lightning_modules.video.VideoClassifier`
-logs as a running total.
+``on_decode_error='skip'`` it is skipped instead, with a warning naming the file and the reason,
+and counted, as every task does with its bad inputs (:mod:`lightning_modules.core.datasets`):
+in training the next decodable clip takes its place (batches keep their size, and each emulated
+device its share); in evaluation it is dropped from its batch (a batch of undecodable clips only
+is an empty batch); in predict its row says why. Batches carry ``skipped``, which
+:class:`~lightning_modules.video.VideoClassifier` logs as a running total.
 
 Sampling (TSN, arXiv:1608.00859): the T frames of a clip come from T equal segments of the video,
 a random frame per segment in training, the centre of each segment in evaluation. With K clips
@@ -23,8 +26,14 @@ into 1 (centre) or 3 (both ends and centre of the long side) crops, and the vide
 the mean of the softmax scores of its K x crops views.
 
 Batches are dicts: ``video`` of shape (B, C, T, H, W) in training and (B, V, C, T, H, W) in
-evaluation (V = clips x crops views of a video), ``label`` (B,), ``skipped`` (how many items of
-this batch were dropped).
+evaluation (V = clips x crops views of a video), ``label`` (B,), ``skipped`` (how many clips of
+this batch were undecodable: replaced in training, dropped in evaluation). Predict batches are
+:class:`~lightning_modules.core.datasets.PredictBatch` es of (B, V, C, T, H, W) views.
+
+Training order and augmentation are exactly resumable mid-epoch, with per-device batches and
+device emulation as for images: the loader is :class:`~lightning_modules.core.data.ImageDataModule`'s
+(``batch_size`` clips per device, ``virtual_devices``, ``seed``), and each clip's frames, crop and
+flip are drawn from a seed of ``(seed, epoch, index)``.
 """
 import bisect
 import csv
@@ -33,21 +42,23 @@ from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import av
-import lightning as L
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .datamodules import resolve_path
-from .predict import list_inputs
+from ..core.data import ImageDataModule, resolve_path
+from ..core.datasets import (MAX_CONSECUTIVE_SKIPS, PredictInputs, SkippedInput, UnreadableInputError, sample_seed,
+                             seeded)
+from ..core.predict import list_inputs
+from ..core.writer import PredictionWriter, TopKWriter
 
 __all__ = [
     'VIDEO_EXTENSIONS', 'VideoDecodeError', 'VideoSample', 'decode_video', 'video_num_frames', 'segment_indices',
     'uniform_indices', 'read_manifest', 'scan_class_folders', 'train_clip_transform', 'EvalViews',
-    'VideoClipDataset', 'collate_videos', 'VideoDataModule']
+    'VideoClipDataset', 'SkippedVideo', 'collate_videos', 'VideoDataModule']
 
 _logger = logging.getLogger(__name__)
 
@@ -59,13 +70,16 @@ _CONTAINER_FOR_EXTENSION = {
 DECODE_ERROR_MODES = ('raise', 'skip')
 
 
-class VideoDecodeError(RuntimeError):
+class VideoDecodeError(UnreadableInputError, RuntimeError):
     """A clip that cannot be decoded; names the file and the reason."""
 
     def __init__(self, path: Union[str, Path], reason: str):
         self.path = str(path)
         self.reason = reason
         super().__init__(f'Cannot decode video {self.path}: {reason}')
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 class VideoSample(NamedTuple):
@@ -98,6 +112,8 @@ def decode_video(path: Union[str, Path]) -> List[av.VideoFrame]:
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(path, 'file not found')
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(path, 'empty file (0 bytes)')
     try:
         # Some HMDB51 AVIs carry metadata that is not UTF-8: replace, don't fail.
         with av.open(str(path), metadata_errors='replace') as container:
@@ -275,17 +291,21 @@ class EvalViews:
                 for top, left in self.crop_boxes(h, w)]
 
 
-class SkippedVideo(NamedTuple):
-    """Stands for an undecodable item with ``on_decode_error='skip'``; dropped by :func:`collate_videos`."""
-    path: str
-    reason: str
+SkippedVideo = SkippedInput  # an undecodable clip (``on_decode_error='skip'``); dropped by :func:`collate_videos`
 
 
 class VideoClipDataset(Dataset):
     """Clips of labelled videos: one random TSN clip each in training, all views in evaluation.
 
     Items: ``(video, label)`` with ``video`` (C, T, H, W) in training and (V, C, T, H, W) in
-    evaluation, or a :class:`SkippedVideo` for an undecodable clip with ``on_decode_error='skip'``.
+    evaluation. Keys are an index or ``(index, epoch)`` (from
+    :class:`~lightning_modules.core.samplers.VirtualDeviceSampler`): the latter seeds the clip's
+    frames, crop and flip from ``(seed, epoch, index)``, so a resumed run draws the same clips.
+
+    With ``on_decode_error='skip'`` an undecodable clip is logged (path and reason) and either
+    replaced by the next decodable one (``replace_undecodable``, the default in training; items are
+    then ``(video, label, skipped)``) or returned as a :class:`SkippedVideo` that
+    :func:`collate_videos` drops and counts (the default in evaluation).
     """
 
     def __init__(
@@ -297,6 +317,8 @@ class VideoClipDataset(Dataset):
             eval_views: Optional[EvalViews] = None,
             num_clips: int = 1,
             on_decode_error: str = 'raise',
+            replace_undecodable: Optional[bool] = None,
+            seed: int = 0,
     ):
         if on_decode_error not in DECODE_ERROR_MODES:
             raise ValueError(f'on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}')
@@ -307,6 +329,12 @@ class VideoClipDataset(Dataset):
         self.eval_views = eval_views if eval_views is not None else EvalViews()
         self.num_clips = num_clips
         self.on_decode_error = on_decode_error
+        self.replace_undecodable = train if replace_undecodable is None else replace_undecodable
+        self.seed = seed
+
+    @property
+    def skip_corrupt(self) -> bool:
+        return self.on_decode_error == 'skip'
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -322,40 +350,68 @@ class VideoClipDataset(Dataset):
             views += [v.transpose(0, 1).as_subclass(torch.Tensor) for v in self.eval_views(clip)]
         return torch.stack(views)  # (V, C, T, H, W)
 
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        try:
-            frames = decode_video(path)
-        except VideoDecodeError as e:
-            if self.on_decode_error == 'raise':
-                raise
-            # Logged every time (a warning would be shown once per process), naming the file.
-            _logger.warning('Skipping undecodable video %s (counted in skipped_videos): %s', e.path, e.reason)
-            return SkippedVideo(e.path, e.reason)
-        video = self._train_clip(frames) if self.train else self._eval_views(frames)
+    def load_views(self, path: Union[str, Path]) -> torch.Tensor:
+        """The evaluation views (V, C, T, H, W) of the clip at ``path`` (predict); raises :class:`VideoDecodeError`."""
+        return self._eval_views(decode_video(path))
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        skipped = 0
+        while True:
+            path, label = self.samples[index]
+            try:
+                frames = decode_video(path)
+                break
+            except VideoDecodeError as e:
+                if self.on_decode_error == 'raise':
+                    raise
+                # Logged every time (a warning would be shown once per process), naming the file.
+                _logger.warning('Skipping undecodable video %s (counted in skipped_videos): %s', e.path, e.reason)
+                if not self.replace_undecodable:
+                    return SkippedVideo(e.path, e.reason)
+                skipped += 1
+                if skipped >= min(MAX_CONSECUTIVE_SKIPS, len(self.samples)):
+                    raise VideoDecodeError(path, f'{skipped} consecutive undecodable clips up to this one; are the '
+                                                 f'clips intact?') from e
+                index = (index + 1) % len(self.samples)
+        if self.train:
+            seed = None if epoch is None else sample_seed(self.seed, epoch, index)
+            video = seeded(self._train_clip, seed, frames)
+        else:
+            video = self._eval_views(frames)
+        if self.on_decode_error == 'skip' and self.replace_undecodable:
+            return video, label, skipped
         return video, label
 
 
 def collate_videos(items: Sequence) -> dict:
-    """Stack decoded items; drop and count :class:`SkippedVideo` ones."""
-    kept = [it for it in items if not isinstance(it, SkippedVideo)]
-    skipped = len(items) - len(kept)
+    """Stack decoded items; drop and count :class:`SkippedVideo` ones (and count the replaced ones)."""
+    kept = [it for it in items if not isinstance(it, SkippedInput)]
+    skipped = len(items) - len(kept) + sum(int(it[2]) for it in kept if len(it) > 2)
     if kept:
-        video = torch.stack([v for v, _ in kept])
-        label = torch.tensor([lbl for _, lbl in kept], dtype=torch.long)
+        video = torch.stack([it[0] for it in kept])
+        label = torch.tensor([it[1] for it in kept], dtype=torch.long)
     else:
         video, label = torch.empty(0), torch.empty(0, dtype=torch.long)
     return {'video': video, 'label': label, 'skipped': torch.tensor(skipped)}
 
 
-class VideoDataModule(L.LightningDataModule):
+def empty_video_batch() -> dict:
+    return {'video': torch.empty(0), 'label': torch.empty(0, dtype=torch.long)}
+
+
+class VideoDataModule(ImageDataModule):
     """Labelled clips from CSV manifests or class-folder trees, for :class:`~lightning_modules.video.VideoClassifier`.
+
+    The loaders are :class:`~lightning_modules.core.data.ImageDataModule`'s: ``batch_size`` clips per
+    device, ``virtual_devices`` emulated devices per process, a seeded order that resumes exactly
+    mid-epoch, the shared rules for bad inputs and streamed predictions.
 
     Args:
         train, val, test: a CSV manifest (``path,label``) or a ``class_name/clip.ext`` folder, per split
             (relative to the working directory, else to the repository root).
         root: folder the manifests' paths are relative to (default: each CSV's folder).
-        classes: class names in label order (default: sorted labels of the train split, else val).
+        classes: class names in label order (default: sorted labels of the train split, else val, else test).
         skip_unlabelled: skip (and count) manifest rows with an empty label instead of failing.
         num_segments: frames per clip, T (= the model's ``num_segments``).
         crop_size: frame size fed to the model.
@@ -363,10 +419,14 @@ class VideoDataModule(L.LightningDataModule):
         flip: random horizontal flip in training (``False`` for Something-Something).
         eval_resize: short side before evaluation crops (default ``crop_size / 0.875``).
         val_clips, val_crops, test_clips, test_crops: views per video in validation and test.
-        batch_size: training clips per device; eval_batch_size: videos per device in evaluation.
-        on_decode_error: ``'raise'`` or ``'skip'`` (warn, drop from the batch, count).
+        batch_size: training clips per device (per virtual device when emulating);
+            eval_batch_size: videos per evaluation / predict batch.
+        on_decode_error: ``'raise'`` or ``'skip'`` (warn with the reason, count; training: the next
+            decodable clip instead; evaluation: dropped from its batch; predict: a row with the reason).
         predict: unlabeled clips for ``zoo-train predict``: a folder, a list file or a CSV with a
             ``path`` column; evaluated with the test views (``test_clips`` x ``test_crops``).
+        virtual_devices: K devices emulated by each process (the module splits each batch in K).
+        seed: order and augmentation seed; None: ``seed_everything``'s.
     """
 
     def __init__(
@@ -393,16 +453,23 @@ class VideoDataModule(L.LightningDataModule):
             mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
             std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD,
             predict: Optional[str] = None,
+            virtual_devices: int = 1,
+            seed: Optional[int] = None,
     ):
-        super().__init__()
         if not (train or val or test or predict):
             raise ValueError('VideoDataModule needs at least one of train, val, test, predict')
         if on_decode_error not in DECODE_ERROR_MODES:
             raise ValueError(f'on_decode_error must be one of {DECODE_ERROR_MODES}, got {on_decode_error!r}')
+        super().__init__(batch_size=batch_size, virtual_devices=virtual_devices, eval_batch_size=eval_batch_size,
+                         num_workers=num_workers, seed=seed, skip_corrupt=on_decode_error == 'skip',
+                         pin_memory=torch.cuda.is_available(), predict=predict)
         self.save_hyperparameters()
         self._rows = {}
         self._classes = list(classes) if classes else None
-        self.train_set = self.val_set = self.test_set = self.predict_set = None
+
+    train_collate_fn = staticmethod(collate_videos)
+    collate_fn = staticmethod(collate_videos)
+    empty_batch = staticmethod(empty_video_batch)
 
     def _split_rows(self, split: str) -> List[Tuple[Path, str]]:
         if split not in self._rows:
@@ -416,13 +483,24 @@ class VideoDataModule(L.LightningDataModule):
     @property
     def classes(self) -> List[str]:
         if self._classes is None:
-            first = next(s for s in ('train', 'val', 'test') if getattr(self.hparams, s))
+            first = next((s for s in ('train', 'val', 'test') if getattr(self.hparams, s)), None)
+            if first is None:
+                raise ValueError('VideoDataModule: no labelled split (train, val, test) and no classes given: the '
+                                 'class names are unknown')
             self._classes = sorted({label for _, label in self._split_rows(first)})
         return self._classes
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def class_names(self) -> Optional[List[str]]:
+        """``classes``, or None for predict-only data without ``classes``."""
+        if self._classes is None and not any(getattr(self.hparams, s) for s in ('train', 'val', 'test')):
+            return None
+        return list(self.classes)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        names = self.class_names
+        return len(names) if names is not None else None
 
     def samples(self, split: str) -> List[VideoSample]:
         index = {c: i for i, c in enumerate(self.classes)}
@@ -432,59 +510,70 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError(f'{split} split has labels outside the {len(index)} classes: {unknown[:10]}')
         return [VideoSample(path, index[label]) for path, label in rows]
 
+    def _views(self, split: str) -> Tuple[EvalViews, int]:
+        hp = self.hparams
+        clips, crops = (hp.val_clips, hp.val_crops) if split == 'val' else (hp.test_clips, hp.test_crops)
+        return EvalViews(hp.crop_size, hp.eval_resize, crops, hp.mean, hp.std), clips
+
     def dataset(self, split: str) -> VideoClipDataset:
         hp = self.hparams
         if split == 'train':
             transform = train_clip_transform(hp.crop_size, tuple(hp.train_scale), hp.flip, hp.mean, hp.std)
             return VideoClipDataset(self.samples(split), hp.num_segments, True, transform=transform,
-                                    on_decode_error=hp.on_decode_error)
-        clips, crops = (hp.val_clips, hp.val_crops) if split == 'val' else (hp.test_clips, hp.test_crops)
-        views = EvalViews(hp.crop_size, hp.eval_resize, crops, hp.mean, hp.std)
+                                    on_decode_error=hp.on_decode_error, seed=self.resolved_seed())
+        views, clips = self._views(split)
         return VideoClipDataset(self.samples(split), hp.num_segments, False, eval_views=views, num_clips=clips,
                                 on_decode_error=hp.on_decode_error)
 
-    def predict_dataset(self) -> VideoClipDataset:
-        """The ``predict`` clips with the test views; each item's label slot holds its index."""
+    def build_predict_set(self) -> PredictInputs:
+        """The ``predict`` clips with the test views; items are ``PredictItem({'index', 'path'}, views)``."""
         hp = self.hparams
         if hp.predict is None:
             raise ValueError('zoo-train predict needs the inputs: --data.init_args.predict <folder, list or CSV>')
         paths = list_inputs(resolve_path(hp.predict), VIDEO_EXTENSIONS)
-        views = EvalViews(hp.crop_size, hp.eval_resize, hp.test_crops, hp.mean, hp.std)
-        dataset = VideoClipDataset([VideoSample(p, i) for i, p in enumerate(paths)], hp.num_segments, False,
-                                   eval_views=views, num_clips=hp.test_clips, on_decode_error=hp.on_decode_error)
-        dataset.paths = paths
+        views, clips = self._views('test')
+        loader = VideoClipDataset([], hp.num_segments, False, eval_views=views, num_clips=clips)
+        return PredictInputs(paths, loader.load_views, skip=self.skip_corrupt, what='clip')
+
+    def predict_dataset(self) -> PredictInputs:  # the name it had
+        return self.build_predict_set()
+
+    def default_prediction_writer(self, output: str, top_k: int = 5, resume: bool = False) -> PredictionWriter:
+        return TopKWriter(output, top_k, resume=resume)
+
+    def _ensure(self, split: str):
+        """The dataset of ``split``, built once (``train_set``, ``val_set``, ``test_set``)."""
+        if getattr(self, f'{split}_set', None) is None:
+            setattr(self, f'{split}_set', self.dataset(split))
+        dataset = getattr(self, f'{split}_set')
+        if split == 'train':
+            dataset.seed = self.resolved_seed()
         return dataset
 
     def setup(self, stage: str) -> None:
         """Build the datasets a stage needs once (``train_set``, ``val_set``, ``test_set``, ``predict_set``)."""
         if stage == 'predict':
-            self.predict_set = self.predict_dataset()
+            self.predict_set = self.build_predict_set()
             return
         splits = {'fit': ('train', 'val'), 'validate': ('val',), 'test': ('test',)}.get(stage, ())
         for split in splits:
-            if getattr(self.hparams, split) is not None and getattr(self, f'{split}_set', None) is None:
-                setattr(self, f'{split}_set', self.dataset(split))
+            if getattr(self.hparams, split) is not None:
+                self._ensure(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        dataset = getattr(self, f'{split}_set', None)
-        if dataset is None:
-            dataset = self.predict_dataset() if split == 'predict' else self.dataset(split)
-        return DataLoader(
-            dataset, batch_size=hp.batch_size if split == 'train' else hp.eval_batch_size,
-            shuffle=shuffle, num_workers=hp.num_workers, collate_fn=collate_videos,
-            persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
+    def predict_collate(self):
+        return default_collate  # predict samples are view tensors: stacked to (B, V, C, T, H, W)
+
+    def eval_collate(self, dataset):
+        return collate_videos  # drops and counts the undecodable clips itself
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader('train', shuffle=True)
+        self._ensure('train')
+        return super().train_dataloader()
 
     def val_dataloader(self):
         if self.hparams.val is None:
             return []  # no validation split: Lightning skips validation
-        return self._loader('val', shuffle=False)
+        return self._eval_loader(self._ensure('val'))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader('test', shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader('predict', shuffle=False)
+        return self._eval_loader(self._ensure('test'))
