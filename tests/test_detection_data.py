@@ -114,7 +114,8 @@ def _rle(mask: np.ndarray) -> dict:
 def _ann(ann_id, image_id, box, category_id=1, iscrowd=0, height=40, width=60):
     x, y, w, h = box
     mask = np.zeros((height, width), np.uint8)
-    mask[int(y):int(y + h), int(x):int(x + w)] = 1
+    if all(np.isfinite(box)):  # a broken box (NaN, inf) gets an empty mask
+        mask[int(y):int(y + h), int(x):int(x + w)] = 1
     return {'id': ann_id, 'image_id': image_id, 'category_id': category_id, 'bbox': list(box),
             'area': float(w * h), 'iscrowd': iscrowd, 'segmentation': _rle(mask)}
 
@@ -158,10 +159,28 @@ def test_zero_size_box_is_dropped_with_a_warning_naming_it(tmp_path, caplog):
     anns = [_ann(10, 1, (5, 5, 20, 10)), _ann(11, 1, (30, 10, 0, 20)), _ann(12, 2, (0, 0, 10, 0))]
     with caplog.at_level(logging.WARNING):
         ds = _dataset(tmp_path, make_coco(tmp_path, anns))
-    assert [a for _, a in ds.dropped] == [11, 12]
+    assert [a for _, a, _ in ds.dropped] == [11, 12]
     assert 'annotation 11' in caplog.text and 'a.jpg' in caplog.text and 'annotation 12' in caplog.text
-    assert '2 annotation(s) with a zero-width or zero-height box dropped' in caplog.text
+    assert '2 annotation(s) with a non-finite, negative or empty box dropped' in caplog.text
     assert len(ds[0][1]['boxes']) == 1 and len(ds[1][1]['boxes']) == 0
+
+
+def test_non_finite_and_negative_boxes_are_dropped_not_clipped_to_the_image(tmp_path, caplog):
+    """``[NaN, 5, 10, 10]`` used to become ``[0, 5, 60, 15]``: Python's min / max drop the NaN."""
+    anns = [_ann(10, 1, (5, 5, 20, 10)), _ann(11, 1, (float('nan'), 5, 10, 10)), _ann(12, 1, (5, 5, float('inf'), 10)),
+            _ann(13, 2, (40, 5, -10, 10))]
+    with caplog.at_level(logging.WARNING):
+        ds = _dataset(tmp_path, make_coco(tmp_path, anns))
+    assert [(a, why) for _, a, why in ds.dropped] == [
+        (11, 'has a non-finite value'), (12, 'has a non-finite value'), (13, 'has a negative width or height')]
+    assert 'annotation 11' in caplog.text and 'non-finite' in caplog.text
+    assert ds[0][1]['boxes'].tolist() == [[5., 5., 25., 15.]]
+
+
+def test_a_split_without_any_annotation_warns_with_the_image_count(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = _dataset(tmp_path, make_coco(tmp_path, []))
+    assert f'has no annotations at all: each of its {len(ds)} images is a negative sample' in caplog.text
 
 
 def test_crowd_is_ignored_in_training_and_kept_for_evaluation(tmp_path):

@@ -52,6 +52,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -141,6 +142,23 @@ def _xyxy_clipped(bbox: Sequence[float], width: int, height: int) -> List[float]
     return [max(0., x), max(0., y), min(float(width), x + w), min(float(height), y + h)]
 
 
+def box_problem(bbox: Sequence[float], width: int, height: int) -> Optional[str]:
+    """Why a COCO ``[x, y, w, h]`` box cannot be trained on (None if it can). Checked before clipping:
+    Python's ``min``/``max`` drop a NaN, so ``[NaN, 158, 53, 138]`` would clip to the whole image width."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return f'is not four numbers ({bbox!r})'
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return 'has a non-finite value'
+    if w < 0 or h < 0:
+        return 'has a negative width or height'
+    x1, y1, x2, y2 = _xyxy_clipped(bbox, width, height)
+    if x2 <= x1 or y2 <= y1:
+        return 'has zero width or height (after clipping to the image)'
+    return None
+
+
 def train_transform(min_size: int, max_size: int, hflip: float = 0.5) -> v2.Compose:
     """Resize (shorter side ``min_size``, longer at most ``max_size``) + horizontal flip, on tv_tensors.
 
@@ -196,7 +214,7 @@ class CocoDetectionDataset(Dataset):
         self.skip_corrupt = skip_corrupt
         self.replace_corrupt = train if replace_corrupt is None else replace_corrupt
         self.seed = seed
-        self.dropped: List[Tuple[str, int]] = []  # (file, annotation id) of degenerate boxes
+        self.dropped: List[Tuple[str, int, str]] = []  # (file, annotation id, why) of boxes not trained on
         self.ignored_crowd = 0
         self.image_ids = sorted(self.coco.imgs)
         self.anns = self._check_and_select()
@@ -230,18 +248,21 @@ class CocoDetectionDataset(Dataset):
                 if ann.get('iscrowd', 0) and self.train:
                     self.ignored_crowd += 1
                     continue
-                x1, y1, x2, y2 = _xyxy_clipped(ann['bbox'], info['width'], info['height'])
-                if x2 <= x1 or y2 <= y1:
-                    self.dropped.append((str(self._file_of(image_id)), ann['id']))
+                problem = box_problem(ann.get('bbox'), info['width'], info['height'])
+                if problem is not None:
+                    self.dropped.append((str(self._file_of(image_id)), ann['id'], problem))
                     continue
                 kept.append(ann)
             selected[image_id] = kept
-        for file, ann_id in self.dropped[:_MAX_LISTED]:
-            _logger.warning('Dropped annotation %s of %s: its box %s has zero width or height', ann_id, file,
-                            coco.anns[ann_id]['bbox'])
+        for file, ann_id, why in self.dropped[:_MAX_LISTED]:
+            _logger.warning('Dropped annotation %s of %s: its box %s %s', ann_id, file, coco.anns[ann_id].get('bbox'),
+                            why)
         if self.dropped:
-            _logger.warning('%s: %d annotation(s) with a zero-width or zero-height box dropped (not trained on, '
+            _logger.warning('%s: %d annotation(s) with a non-finite, negative or empty box dropped (not trained on, '
                             'not evaluated)', src, len(self.dropped))
+        if not coco.dataset.get('annotations'):
+            _logger.warning('%s has no annotations at all: each of its %d images is a negative sample (no objects). '
+                            'Is it the right file?', src, len(self.image_ids))
         if self.ignored_crowd:
             _logger.info('%s: %d crowd annotation(s) ignored in training (COCO convention)', src, self.ignored_crowd)
         return selected
