@@ -18,10 +18,10 @@ VIDEOS = REPO.parent / 'shared' / 'data' / 'videos'
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
-def _zoo_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _zoo_train(cwd: Path, *args: str, logger: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
     res = subprocess.run([sys.executable, '-m', 'lightning_modules', 'predict', *args,
-                          '--trainer.accelerator', 'cpu', '--trainer.logger', 'false'],
+                          '--trainer.accelerator', 'cpu', *([] if logger else ['--trainer.logger', 'false'])],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -154,3 +154,17 @@ def test_predict_file_on_a_clip_averages_its_views():
     top = predict_file(model, VIDEOS / 'v_SoccerJuggling_g23_c01.avi', top_k=4, num_clips=2)
     assert sorted(e['label'] for e in top) == ['a', 'b', 'c', 'd']
     assert sum(e['probability'] for e in top) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_from_a_training_config_leaves_nothing_but_its_predictions(unlabeled_photos, tmp_path):
+    """The quickstart config names a logger, a run folder and checkpoint callbacks: predict uses none of them
+    (no seed line, no logger notice, no lightning_logs/ or runs/ folder in the working directory)."""
+    folder, truth = unlabeled_photos
+    res = _zoo_train(tmp_path, '-c', str(REPO / 'configs/cifar10/quickstart.yaml'),
+                     '--model.init_args.model_name', 'resnet20_wsbcn.cifar10', '--model.init_args.pretrained', 'true',
+                     '--data.init_args.predict', str(folder), '--data.init_args.num_workers', '0',
+                     '--predict_output', 'preds.csv', '--trainer.enable_progress_bar', 'false', logger=True)
+    out = res.stdout + res.stderr
+    assert 'Seed set' not in out and 'No seed found' not in out and 'ensorboard' not in out, out
+    assert 'Be aware that' not in out and 'dirpath has changed' not in out and 'is_fx_tracing' not in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['preds.csv']

@@ -18,6 +18,7 @@ does); ``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and Lightni
 ``hpc_ckpt_N.ckpt``; every checkpoint written records a digest that is checked when it is loaded.
 """
 import argparse
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.utilities import rank_zero_warn
 
 import zoo  # noqa: F401  (registers the zoo models in timm)
@@ -87,9 +89,25 @@ class ZooCLI(LightningCLI):
                             help="With --ckpt_path: build the model from the checkpoint's hyper-parameters where they "
                                  'differ from the command line/config (default: refuse, naming the differences).')
 
+    def _set_seed(self) -> None:
+        """Lightning's seeding, without its "Seed set to N" line for ``predict`` (which draws nothing)."""
+        if self.subcommand != 'predict':
+            return super()._set_seed()
+        seed = self.config['predict'].get('seed_everything')
+        if seed is not False:
+            seed_everything(None if seed is True else seed, workers=True, verbose=False)
+
     def before_instantiate_classes(self) -> None:
         quiet_known_noise()
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == 'predict' and cfg.get('trainer') is not None:
+            # predict writes its predictions only: no log folder, no saved config, no checkpoint callbacks
+            cfg['trainer']['logger'] = False
+            self.save_config_callback = None
+            callbacks = cfg['trainer'].get('callbacks') or []
+            cfg['trainer']['callbacks'] = [c for c in callbacks if not str(getattr(c, 'class_path', '')).endswith(
+                '.ModelCheckpoint')]
+            warnings.filterwarnings('ignore', message='Be aware that when using `ckpt_path`, callbacks used to create')
         accelerator = str(cfg.get('trainer', {}).get('accelerator') or 'auto')
         if accelerator == 'cpu' or (accelerator == 'auto' and not torch.cuda.is_available()):
             workers = (cfg.get('data') or {}).get('init_args', {}).get('num_workers')
