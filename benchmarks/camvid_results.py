@@ -19,14 +19,14 @@ import csv
 import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 from PIL import Image
 
 from camvid_runs import CAMVID, PICTURE_FRAMES, PICTURES
-from cifar_results import (NORM_LABELS, ConfigResult, RunResult, _p_cell, _plot_sizes, _table_order, baseline_of,
-                           difference_std_error, group_by_config, read_run, update_readme, welch_test)
+from cifar_results import (NORM_LABELS, ConfigResult, RunResult, _plot_sizes, _table_order, baseline_of, gap_cell,
+                           group_by_config, read_run, update_readme)
 
 METRIC = 'test/miou'
 README_START, README_END = '<!-- camvid-results:start -->', '<!-- camvid-results:end -->'
@@ -66,27 +66,13 @@ def _miou_cell(c: ConfigResult) -> str:
            f'{", ".join(f"{t:.2f}" for t in c.top1s)})'
 
 
-def _gap_cell(c: ConfigResult, base: Optional[ConfigResult]) -> str:
-    if base is None:
-        return '-'
-    if base is c:
-        return '(baseline)'
-    gap = f'{c.mean - base.mean:+.2f}'
-    if len(c.runs) > 1 and len(base.runs) > 1:
-        gap += f' ± {difference_std_error(c, base):.2f}'
-        test = welch_test(c, base)
-        if test is not None:
-            gap += f' ({_p_cell(test.p)})'
-    return gap
-
-
 def markdown_tables(results: Sequence[RunResult], names: Sequence[str]) -> str:
     configs = sorted(group_by_config(results), key=_table_order)
     lines = ['| configuration | images / device | devices | epochs | test mIoU (%) | vs. large-batch BN | runs |',
              '|---|---|---|---|---|---|---|']
     for c in configs:
         lines.append(f'| {c.label} | {c.images_per_device} | {c.devices} | {c.epochs} | {_miou_cell(c)} | '
-                     f'{_gap_cell(c, baseline_of(configs, c.arch))} | {", ".join(r.run for r in c.runs)} |')
+                     f'{gap_cell(c, baseline_of(configs, c.arch))} | {", ".join(r.run for r in c.runs)} |')
     lines += ['', 'Per-class test IoU (%), mean over the seeds:', '',
               '| configuration | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
     for c in configs:

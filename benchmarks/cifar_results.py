@@ -347,6 +347,20 @@ def _p_cell(p: float) -> str:
     return f'p = {p:.2f}' if p >= 0.01 else f'p = {p:.3f}' if p >= 0.001 else 'p < 0.001'
 
 
+def gap_cell(c: ConfigResult, base: Optional[ConfigResult]) -> str:
+    """``c``'s gap to the large-batch BN ``base``: the difference of means, ± its standard error and Welch's p
+    where both have several seeds; ``(baseline)`` for the baseline itself, ``-`` without one."""
+    if base is None or base is c:
+        return '(baseline)' if base is c else '-'
+    gap = f'{c.mean - base.mean:+.2f}'
+    if len(c.runs) > 1 and len(base.runs) > 1:
+        gap += f' ± {difference_std_error(c, base):.2f}'
+        test = welch_test(c, base)
+        if test is not None:
+            gap += f' ({_p_cell(test.p)})'
+    return gap
+
+
 def _table_order(c: ConfigResult) -> Tuple[str, bool, int, str]:
     """By architecture; its BN first, then by images per device, largest first."""
     return c.arch, c.norm != 'BN', -c.images_per_device, c.label
@@ -357,16 +371,7 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     lines = ['| run | model | norm | images / device | devices | epochs | test top-1 (%) | vs. large-batch BN | weights |',
              '|---|---|---|---|---|---|---|---|---|']
     for c in sorted(configs, key=_table_order):
-        base = baseline_of(configs, c.arch)
-        if base is None or base is c:
-            gap = '(baseline)' if base is c else '-'
-        else:
-            gap = f'{c.mean - base.mean:+.2f}'
-            if len(c.runs) > 1 and len(base.runs) > 1:
-                gap += f' ± {difference_std_error(c, base):.2f}'
-                test = welch_test(c, base)
-                if test is not None:
-                    gap += f' ({_p_cell(test.p)})'
+        gap = gap_cell(c, baseline_of(configs, c.arch))
         lines.append(f'| {", ".join(r.run for r in c.runs)} | {c.model} | {c.label} | {c.images_per_device} | '
                      f'{c.devices} | {c.epochs} | {_top1_cell(c)} | {gap} | {c.weights} |')
     if any(len(c.runs) > 1 for c in configs):
