@@ -2,6 +2,8 @@
 
 Real inputs: CIFAR-10 test JPEGs from the shared data (extracted once into ``$ZOO_CACHE_DIR``).
 """
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -67,6 +69,8 @@ def test_zoo_export_command_writes_a_checked_export(fmt, tmp_path, capsys):
     assert main(['resnet20_wsbcn.cifar10', '--format', fmt, '--out', str(out)]) == 0
     printed = capsys.readouterr().out
     assert f'written to {out}' in printed and 'max |difference| from PyTorch on (4, 3, 32, 32) real input' in printed
+    assert printed.startswith(f'{deploy.FORMAT_NAMES[fmt]} of resnet20_wsbcn.cifar10 written to'), printed
+    assert 'export export' not in printed and 'exported export' not in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left
     model = zoo.create_model('resnet20_wsbcn.cifar10', pretrained=True).eval()
     x = real_batch(model)
@@ -118,7 +122,7 @@ def test_zoo_export_refuses_an_export_that_does_not_match(tmp_path, monkeypatch,
     out = tmp_path / 'model.pt2'
     assert main(['resnet20_wsbcn.cifar10', '--format', 'exported', '--out', str(out)]) == 1
     err = capsys.readouterr().err
-    assert 'the exported export differs from the PyTorch model: max |difference| 0.5' in err and 'was not written' in err
+    assert 'the torch.export program differs from the PyTorch model: max |difference| 0.5' in err and 'was not written' in err
     assert list(tmp_path.iterdir()) == []
     model = zoo.create_model('resnet20_wsbcn.cifar10', pretrained=True)
     with pytest.raises(ExportMismatchError):
@@ -135,3 +139,61 @@ def test_zoo_export_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(['last.ckpt', '--format', 'onnx', '--out', str(tmp_path / 'm.onnx')]) == 1
     assert 'checkpoint last.ckpt does not exist' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- issue 26: errors that name --out
+
+class _Untouchable(torch.nn.Module):
+    """A model that must not be run: the output path is checked first."""
+
+    def forward(self, x):
+        raise AssertionError('the model ran before the output path was checked')
+
+
+def test_out_that_is_a_directory_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError('the model was loaded before the output path was checked')
+    monkeypatch.setattr(deploy, 'load_source', no_load)
+    assert main(['resnet20_wsbcn.cifar10', '--format', 'onnx', '--out', str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f'zoo-export: error: {tmp_path} is a directory: --out takes the path of the file to write' in err, err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(IsADirectoryError, match='is a directory'):
+        export_checked(_Untouchable(), torch.zeros(2, 3, 8, 8), 'torchscript', tmp_path)
+
+
+@pytest.mark.parametrize('where', ['under-a-file', 'proc'])
+def test_out_that_cannot_be_written_is_named_not_the_temporary_file(tmp_path, monkeypatch, capsys, where):
+    if where == 'proc':
+        if not Path('/proc/self').is_dir():
+            pytest.skip('no /proc here')
+        out = Path('/proc/x.onnx')  # the issue's example: no file can be created in /proc
+    else:
+        (tmp_path / 'afile').write_text('')
+        out = tmp_path / 'afile' / 'x.onnx'
+    monkeypatch.setattr(deploy, 'load_source', lambda *a, **k: (_ for _ in ()).throw(AssertionError('loaded')))
+    assert main(['resnet20_wsbcn.cifar10', '--format', 'onnx', '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f'zoo-export: error: cannot write {out}: ' in err and '.partial' not in err, err
+    with pytest.raises(OSError, match=f'cannot write {out}') as info:
+        export_checked(_Untouchable(), torch.zeros(2, 3, 8, 8), 'onnx', out)
+    assert '.partial' not in str(info.value)
+
+
+def test_exporter_errors_name_the_out_path(tmp_path, monkeypatch, capsys):
+    """A failure while the export is written (a full disk, say) names --out, not the file written next to it."""
+    def failing_save(model, x, path):
+        raise RuntimeError(f'File {path} cannot be opened.')
+    monkeypatch.setitem(deploy._EXPORTERS, 'torchscript', failing_save)
+    out = tmp_path / 'model.pt'
+    assert main(['resnet20_wsbcn.cifar10', '--format', 'torchscript', '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f'zoo-export: error: File {out} cannot be opened.' in err and '.partial' not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_has_no_rest_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    text = capsys.readouterr().out
+    assert 'zoo-export: a zoo model as ONNX, TorchScript or a torch.export program' in text and '``' not in text

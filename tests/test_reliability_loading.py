@@ -36,8 +36,8 @@ def images(tmp_path_factory):
 
 def _fit_args(root, ckpt_dir, *extra, model='resnet20_wsbcn', num_classes=3, steps=2, every=2):
     return [
-        'fit', '--model', 'lightning_modules.ImageClassifier', '--model.model_name', model,
-        '--model.num_classes', str(num_classes), '--data', 'lightning_modules.ImageFolderDataModule',
+        'fit', '--model', 'lightning_modules.classification.ImageClassifier', '--model.model_name', model,
+        '--model.num_classes', str(num_classes), '--data', 'lightning_modules.classification.ImageFolderDataModule',
         '--data.root', str(root), '--data.input_size', '16', '--data.batch_size', '2', '--data.num_workers', '0',
         '--trainer.max_steps', str(steps), '--trainer.accelerator', 'cpu', '--trainer.logger', 'false',
         '--trainer.enable_progress_bar', 'false', '--trainer.enable_model_summary', 'false',
@@ -218,17 +218,62 @@ def test_shipped_folder_config_is_protected(tmp_path):
         zoo.load_model(f'local-dir:{bad}')
 
 
-def test_head_is_replaced_only_on_request(hub_folder, tmp_path):
-    """Without a config digest (older folders, plain timm folders) the classifier is checked against num_classes."""
+def test_head_is_replaced_only_on_request(hub_folder, tmp_path, monkeypatch):
+    """Without a config digest (older folders, plain timm folders; loaded on request, issue 26) the classifier
+    is checked against num_classes."""
     def edit(cfg):
         _set_num_classes(cfg)
         del cfg['zoo']['model_config_sha256']
     bad = _edit_config(hub_folder, tmp_path / 'bad', edit)
+    monkeypatch.setenv('ZOO_ALLOW_UNVERIFIED', '1')
     for name, load in _loaders(bad).items():
         with pytest.raises(WeightsError, match=r'num_classes=100, but the classifier fc\.weight in the weights has 10 '
                                                r'outputs, the size the model'):
             load()
     assert zoo.load_model(hub_folder, num_classes=4).fc.out_features == 4  # asked for: replaced
+
+
+def test_folder_without_digests_is_refused_unless_the_caller_opts_in(hub_folder, tmp_path, monkeypatch):
+    """Issue 26: deleting the "zoo" block turned every check off, so an edited architecture loaded silently
+    (resnet20_bcn carrying WS weights). Unverifiable folders are now refused; on request they load, with a warning."""
+    from zoo.hub import UnverifiedWeightsWarning
+    monkeypatch.delenv('ZOO_ALLOW_UNVERIFIED', raising=False)
+
+    def edit(cfg):
+        del cfg['zoo']
+        _set_arch(cfg)
+    bad = _edit_config(hub_folder, tmp_path / 'bad', edit)
+    weights_only_digest = _edit_config(hub_folder, tmp_path / 'old', lambda cfg: cfg['zoo'].pop('model_config_sha256'))
+    for folder, missing in ((bad, 'state_dict_sha256 and model_config_sha256'), (weights_only_digest, 'model_config_sha256')):
+        for name, load in _loaders(folder).items():
+            with pytest.raises(WeightsError, match=f'cannot be verified: its config.json records no {missing} '):
+                load()
+    with pytest.warns(UnverifiedWeightsWarning, match='loaded UNVERIFIED, as asked'):
+        model = zoo.load_model(bad, allow_unverified=True)
+    assert type(model).__name__ == 'CifarResNet' and not model.norm_variant.ws  # what the edited file says
+    monkeypatch.setenv('ZOO_ALLOW_UNVERIFIED', '1')  # the opt-in for timm.create_model
+    with pytest.warns(UnverifiedWeightsWarning):
+        timm.create_model(f'local-dir:{bad}', pretrained=True)
+    with pytest.raises(WeightsError, match='cannot be verified'):
+        zoo.load_model(bad, allow_unverified=False)  # an explicit False wins over the environment
+
+
+def test_record_digest_makes_a_plain_timm_folder_verifiable(tmp_path, monkeypatch):
+    import warnings
+    from timm.models import save_for_hf
+    from zoo.hub import UnverifiedWeightsWarning, main as hub_main
+    monkeypatch.delenv('ZOO_ALLOW_UNVERIFIED', raising=False)
+    model = timm.create_model('resnet20_wsgn', num_classes=10).eval()
+    save_for_hf(model, tmp_path / 'plain', safe_serialization=True)
+    with pytest.raises(WeightsError, match='record its digests with `python -m zoo.hub record-digest FOLDER`'):
+        zoo.load_model(tmp_path / 'plain')
+    assert hub_main(['record-digest', str(tmp_path / 'plain')]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UnverifiedWeightsWarning)
+        loaded = zoo.load_model(tmp_path / 'plain').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_label_and_description_edits_still_load(hub_folder, tmp_path):
@@ -395,3 +440,234 @@ def test_hub_timeout_follows_user_hf_setting(monkeypatch):
     assert download_timeout() == 120
     monkeypatch.setenv('ZOO_DOWNLOAD_TIMEOUT', '5')
     assert download_timeout() == 5
+
+
+# ----------------------------------------------------------------------------------- issue 26: errors that mislead
+
+def _random_bytes(n=4096, seed=0):
+    import random
+    return random.Random(seed).randbytes(n)
+
+
+def _loading_paths():
+    from lightning_modules.core.deploy import main as zoo_export
+    from zoo.hub import load_lightning_checkpoint, read_weights
+
+    def export(path):
+        """``zoo-export`` prints the error and returns 1: raise it, as the other loaders do."""
+        import contextlib
+        import io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = zoo_export([str(path), '--format', 'torchscript', '--out', str(path.parent / 'out.pt')])
+        assert rc == 1
+        raise WeightsError(err.getvalue())
+    def timm_file(path):
+        return timm.create_model('resnet20_wsbcn', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    return {'zoo.load_model': zoo.load_model, 'read_weights': read_weights,
+            'load_lightning_checkpoint': load_lightning_checkpoint, 'zoo-export': export, 'timm file=': timm_file}
+
+
+@pytest.mark.parametrize('content', [
+    _random_bytes(),                            # os.urandom(4096) in the issue
+    b'hello, not a checkpoint\n' * 40,          # text: torch.load raised a bare KeyError
+    b'PK\x03\x04' + _random_bytes(4092),        # a zip header, then garbage
+    b'\x80\x02' + _random_bytes(4094),          # a pickle header, then garbage
+    b''], ids=['random', 'text', 'zip-garbage', 'pickle-garbage', 'empty'])
+def test_unreadable_file_is_not_called_a_pickle_of_objects(tmp_path, content):
+    bad = tmp_path / 'x.ckpt'
+    bad.write_bytes(content)
+    for name, load in _loading_paths().items():
+        with pytest.raises(WeightsError) as info:
+            load(bad)
+        message = str(info.value)
+        assert str(bad) in message, (name, message)
+        assert 'holds Python objects' not in message and 'weights_only' not in message, (name, message)
+        assert 'set to `False`' not in message and 'add_safe_globals' not in message, (name, message)
+        if content[:2] in (b'PK', b'\x80\x02'):
+            assert 'truncated or corrupted' in message, (name, message)
+        elif content:
+            assert 'not a readable checkpoint: neither a torch file (zip or pickle) nor safetensors' in message, message
+        else:
+            assert 'is empty' in message, (name, message)
+    assert not (tmp_path / 'out.pt').exists()
+
+
+class _NotAWeight:
+    pass
+
+
+def test_pickled_objects_are_refused_without_weights_only_false_advice(tmp_path):
+    evil = tmp_path / 'evil.ckpt'
+    torch.save({'state_dict': {}, 'hyper_parameters': {'obj': _NotAWeight()}}, evil)
+    for name, load in _loading_paths().items():
+        with pytest.raises(WeightsError) as info:
+            load(evil)
+        message = str(info.value)
+        assert 'holds Python objects besides tensors' in message and '_NotAWeight' in message, (name, message)
+        assert 'weights_only=False' not in message and 'set to `False`' not in message, (name, message)
+        assert 'add_safe_globals' not in message and 'safe_globals' not in message, (name, message)
+
+
+@pytest.mark.parametrize('name', ['resnet20_wsbcn', 'resnet18_wsgn'])
+def test_float64_input_names_the_dtype_the_model_expects(name):
+    model = timm.create_model(name, num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = r'expects a torch\.float32 image batch \(the dtype of its weights\), got torch\.float64'
+    with pytest.raises(TypeError, match=expected):
+        model(x)
+    # FX graphs keep the other checks but not this one: graph passes (FX quantization) replace the weights
+    (check,) = [n for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == 'call_function'
+                and getattr(n.target, '__name__', '') == 'check_image_batch']
+    assert check.args[3:] == (None,)
+    with pytest.raises(torch.jit.Error, match=r'expects the dtype of its weights'):
+        torch.jit.script(model)(x)
+    with torch.no_grad():  # what works still works: the weights' dtype, a float64 model, lower precision under autocast
+        model(x.float())
+        timm.create_model(name, num_classes=4).double().eval()(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x.to(torch.bfloat16))
+        with pytest.raises(TypeError, match=r'got torch\.float16'):
+            model(x.half())  # no autocast: the conv would fail
+
+
+# ----------------------------------------------------------------------------------- issue 26: a dripping server
+
+class DripServer:
+    """A real HTTP server on loopback that announces ``size`` bytes and sends one every ``interval`` seconds
+    (for any path, so it also plays a Hub endpoint: ``HF_ENDPOINT``)."""
+
+    def __init__(self, size=1000, interval=0.05):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        server = self
+
+        class Drip(BaseHTTPRequestHandler):
+            def _headers(self):
+                self.send_response(200)
+                self.send_header('Content-Length', str(size))
+                self.send_header('ETag', '"0123456789abcdef"')  # what huggingface_hub needs of a Hub file
+                self.send_header('X-Repo-Commit', 'a' * 40)
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._headers()
+
+            def do_GET(self):
+                if self.path.startswith('/api/'):  # huggingface_hub's own side requests (its agent registry)
+                    self.send_error(404)
+                    return
+                self._headers()
+                try:
+                    for _ in range(size):
+                        if server.stopped.is_set():
+                            return
+                        self.wfile.write(b'x')
+                        self.wfile.flush()
+                        time.sleep(interval)
+                except OSError:  # the client hung up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.stopped = threading.Event()
+        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), Drip)
+        self.httpd.daemon_threads = True
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/rn50_bcn_ws.pth'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stopped.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def drip_server():
+    server = DripServer()
+    yield server
+    server.close()
+
+
+def _no_partial_files(root):
+    return [p for p in Path(root).rglob('*') if p.is_file()] == []
+
+
+def test_dripping_server_hits_the_deadline_per_file(drip_server, torch_home, monkeypatch):
+    """1 byte every 0.05 s: each read gets a byte well within the read timeout, so only a bound on the whole file ends it."""
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setenv('ZOO_DOWNLOAD_TIMEOUT', '5')
+    monkeypatch.setenv('ZOO_DOWNLOAD_MIN_RATE', '0')  # off: the deadline alone
+    monkeypatch.setenv('ZOO_DOWNLOAD_DEADLINE', '1.5')
+    t = time.time()
+    with pytest.raises(WeightsError) as info:
+        _url_weights(drip_server.url)
+    assert time.time() - t < 10
+    message = str(info.value)
+    assert message.startswith(f'Download of {drip_server.url} took too long: received '), message
+    assert ' of 1000 bytes in 1.' in message and 'ZOO_DOWNLOAD_DEADLINE' in message, message
+    assert 'pretrained_cfg_overlay=dict(file=PATH)' in message
+    assert _no_partial_files(torch_home), list(torch_home.rglob('*'))
+
+
+def test_dripping_server_falls_below_the_minimum_rate(drip_server, torch_home, monkeypatch):
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setenv('ZOO_DOWNLOAD_TIMEOUT', '1')  # also the window the rate is measured over
+    monkeypatch.setenv('ZOO_DOWNLOAD_MIN_RATE', '1000')  # bytes/s; the server sends about 20
+    monkeypatch.delenv('ZOO_DOWNLOAD_DEADLINE', raising=False)
+    t = time.time()
+    with pytest.raises(WeightsError) as info:
+        _url_weights(drip_server.url)
+    assert time.time() - t < 10
+    message = str(info.value)
+    assert message.startswith(f'Download of {drip_server.url} too slow: received '), message
+    assert ' of 1000 bytes' in message and 'below the minimum of 1000 bytes/s' in message, message
+    assert 'ZOO_DOWNLOAD_MIN_RATE' in message, message
+    assert _no_partial_files(torch_home), list(torch_home.rglob('*'))
+
+
+HUB_DRIP_SCRIPT = r"""
+import time, timm, zoo
+for name, load in [('zoo.load_model', lambda: zoo.load_model('hf-hub:wsbcn-zoo/drip')),
+                   ('timm hf-hub', lambda: timm.create_model('hf-hub:wsbcn-zoo/drip', pretrained=True))]:
+    t = time.time()
+    try:
+        load()
+        print(f'{name}|loaded')
+    except zoo.WeightsError as e:
+        print(f'{name}|{time.time() - t:.1f}|{e}'.replace('\n', ' '))
+"""
+
+
+def test_dripping_hub_hits_the_deadline_per_file(drip_server, tmp_path):
+    """huggingface_hub's read timeout never ends a drip either; its temporary file is not kept."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_HUB_')}
+    env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=drip_server.url.rsplit('/', 1)[0],
+               ZOO_DOWNLOAD_TIMEOUT='5', ZOO_DOWNLOAD_MIN_RATE='0', ZOO_DOWNLOAD_DEADLINE='1.5',
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-c', HUB_DRIP_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {line.split('|')[0]: line.split('|')[1:] for line in r.stdout.splitlines() if '|' in line}
+    assert set(results) == {'zoo.load_model', 'timm hf-hub'}, r.stdout + r.stderr[-2000:]
+    for name, (seconds, message) in results.items():
+        assert float(seconds) < 15, (name, seconds)
+        assert message.startswith('Download of ') and '/wsbcn-zoo/drip/resolve/main/config.json took too long: ' \
+            'received ' in message, (name, message)
+        assert 'ZOO_DOWNLOAD_DEADLINE' in message and 'hf download wsbcn-zoo/drip' in message, (name, message)
+    kept = [p for p in (tmp_path / 'hf').rglob('*') if p.is_file() and ('blobs' in p.parts or 'snapshots' in p.parts
+                                                                     or p.name.endswith('.incomplete'))]
+    assert kept == [], kept  # no partial file, nothing that looks cached
+
+
+def test_download_bounds_have_defaults_and_can_be_turned_off(monkeypatch):
+    from zoo._download import download_deadline, download_min_rate
+    for name in ('ZOO_DOWNLOAD_DEADLINE', 'ZOO_DOWNLOAD_MIN_RATE'):
+        monkeypatch.delenv(name, raising=False)
+    assert download_deadline() == 3600 and download_min_rate() == 10_000
+    monkeypatch.setenv('ZOO_DOWNLOAD_DEADLINE', '0')
+    monkeypatch.setenv('ZOO_DOWNLOAD_MIN_RATE', '0')
+    assert download_deadline() is None and download_min_rate() is None
+    monkeypatch.setenv('ZOO_DOWNLOAD_DEADLINE', 'soon')
+    with pytest.raises(ValueError, match="ZOO_DOWNLOAD_DEADLINE='soon' is not a number"):
+        download_deadline()

@@ -88,16 +88,25 @@ def _assert_close_to(got, want):
 
 
 def _off_init(model):
-    """Norm affines and statistics off their init (zero-init last norms would hide whole branches)."""
+    """Norm affines off their init (zero-init last norms would hide whole branches), and running
+    statistics of a real forward pass: random ones let eval activations of deep WS + BN / BGN models
+    (WS convs scale the variance by their fan-in) overflow."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
+        stat_layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BatchGroupNorm2d))]
+        momenta = [m.momentum for m in stat_layers]
+        for m in stat_layers:
+            m.momentum = 1.  # the statistics of this one batch
         for m in model.modules():
-            if isinstance(m, (EstimatedBatchNorm2d, BatchGroupNorm2d, nn.BatchNorm2d)) and m.running_mean is not None:
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(1000)
+            if isinstance(m, EstimatedBatchNorm2d):
+                m.num_batches_tracked.zero_()  # the first update takes the batch's statistics
+        training = model.training
+        model.train()(torch.randn(2, *_input_size(model, FX_SIZE)))
+        model.train(training)
+        for m, momentum in zip(stat_layers, momenta):
+            m.momentum = momentum
     return model
 
 
@@ -269,10 +278,19 @@ def _assert_train_step_equal(eager, traced, x):
 
 
 def _assert_eval_equal(eager, traced, x):
+    """Eval outputs, and gradients with autograd on (saliency, fine-tuning in eval mode), equal."""
     eager.eval()
     traced.eval()
+    eager.zero_grad()
+    traced.zero_grad()
     with torch.enable_grad():  # unfolded eager, as the graph runs
-        assert torch.equal(_out(traced(x)), eager(x))
+        out_e, out_t = eager(x), _out(traced(x))
+        assert torch.equal(out_t, out_e)
+        out_e.logsumexp(1).mean().backward()
+        out_t.logsumexp(1).mean().backward()
+    traced_params = dict(traced.named_parameters())
+    for n, p in eager.named_parameters():
+        assert torch.equal(traced_params[n].grad, p.grad), n
     with torch.no_grad():
         _assert_close_to(_out(traced(x)), eager(x))
 

@@ -6,6 +6,14 @@ The timeout (seconds, per connection attempt and per read; default 30) comes fro
 huggingface_hub's ``HF_HUB_OFFLINE=1``; it applies to the URL-hosted weights too (timm would otherwise
 still download those).
 
+A server that sends a byte now and then never trips a read timeout, so each file the zoo downloads
+(from a URL, :func:`fetch_url`, or from the Hub, :func:`hub_download` and timm's ``hf-hub:`` names) is
+also bounded as a whole: it must arrive within
+``ZOO_DOWNLOAD_DEADLINE`` seconds (default 3600), and at no less than ``ZOO_DOWNLOAD_MIN_RATE`` bytes/s
+(default 10000, measured over windows of the timeout above). Either set to 0 turns that bound off. Both
+are checked after every read (one network read each), so a download ends at most one timeout after a
+bound is crossed; a download cut for either leaves no partial file.
+
 Why the Hub needs a probe: huggingface_hub reads ``HF_HUB_ETAG_TIMEOUT`` and
 ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s each) once, when it is imported, into its ``constants``
 module. But when the first metadata request of a file that is not cached times out, it retries with a
@@ -15,11 +23,14 @@ So every Hub download of the zoo, and every one timm makes for ``hf-hub:`` names
 imported (:func:`bound_timm_hub_downloads`), first asks the Hub once, within the timeout and without
 retries (:func:`probe_hub`). huggingface_hub's own settings are left as they are.
 """
+import contextlib
+import contextvars
 import functools
 import hashlib
 import os
-import shutil
 import socket
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,11 +42,16 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-__all__ = ['TIMEOUT_ENV', 'download_timeout', 'offline', 'url_cache_path', 'fetch_url', 'sha256_mismatch',
+__all__ = ['TIMEOUT_ENV', 'DEADLINE_ENV', 'MIN_RATE_ENV', 'download_timeout', 'download_deadline', 'download_min_rate',
+           'offline', 'url_cache_path', 'fetch_url', 'sha256_mismatch',
            'fetch_first', 'probe_hub', 'hub_download', 'bound_timm_hub_downloads']
 
 TIMEOUT_ENV = 'ZOO_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT = 30.0
+DEADLINE_ENV = 'ZOO_DOWNLOAD_DEADLINE'
+DEFAULT_DEADLINE = 3600.0  # seconds per file: 170 MB (ResNeXt-101) needs 50 kB/s
+MIN_RATE_ENV = 'ZOO_DOWNLOAD_MIN_RATE'
+DEFAULT_MIN_RATE = 10_000.0  # bytes/s over each window of download_timeout() seconds
 
 
 def download_timeout() -> float:
@@ -48,6 +64,28 @@ def download_timeout() -> float:
             except ValueError:
                 raise ValueError(f'{name}={value!r} is not a number of seconds.') from None
     return DEFAULT_TIMEOUT
+
+
+def _bound(name: str, default: float) -> Optional[float]:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        bound = float(value)
+    except ValueError:
+        raise ValueError(f'{name}={value!r} is not a number (0 turns the bound off).') from None
+    return bound if bound > 0 else None
+
+
+def download_deadline() -> Optional[float]:
+    """Seconds one file's download may take (``ZOO_DOWNLOAD_DEADLINE``, default 3600); None: no bound."""
+    return _bound(DEADLINE_ENV, DEFAULT_DEADLINE)
+
+
+def download_min_rate() -> Optional[float]:
+    """Bytes/s a download must keep up over each timeout-long window (``ZOO_DOWNLOAD_MIN_RATE``, default 10000);
+    None: no bound."""
+    return _bound(MIN_RATE_ENV, DEFAULT_MIN_RATE)
 
 
 def offline() -> bool:
@@ -82,7 +120,7 @@ def fetch_url(url: str, model_dir=None, what: str = 'weights') -> Path:
     partial = path.with_name(f'{path.name}.{os.getpid()}.partial')
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, partial.open('wb') as f:
-            shutil.copyfileobj(response, f, 1 << 20)
+            _copy_bounded(response, f, url, timeout, _local_copy_hint(url, path))
         os.replace(partial, path)  # whole files only: a cut download never looks cached
     except urllib.error.HTTPError as e:
         raise WeightsError(f'Could not download the {what}: {url} answered HTTP {e.code} {e.reason}. '
@@ -98,6 +136,111 @@ def fetch_url(url: str, model_dir=None, what: str = 'weights') -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+class _DownloadBounds:
+    """The deadline and minimum rate of one file's download (module docstring): :meth:`add` each chunk received."""
+
+    def __init__(self, url: str, window: float, total: Optional[int], hint: str):
+        self.url, self.window, self.total, self.hint = url, window, total, hint
+        self.deadline, self.min_rate = download_deadline(), download_min_rate()
+        self.start = self.window_start = time.monotonic()
+        self.received = self.window_bytes = 0
+
+    def _so_far(self, now: float) -> str:
+        of = f' of {self.total}' if self.total is not None else ''
+        return f'received {self.received}{of} bytes in {now - self.start:.1f} s'
+
+    def add(self, n: int) -> None:
+        from zoo.hub import WeightsError
+        self.received += n
+        self.window_bytes += n
+        now = time.monotonic()
+        if self.deadline is not None and now - self.start > self.deadline:
+            raise WeightsError(
+                f'Download of {self.url} took too long: {self._so_far(now)}, more than the {self.deadline:g} s allowed '
+                f'per file (set {DEADLINE_ENV} to allow more, 0 for no limit). Nothing was kept. {self.hint}')
+        if self.min_rate is not None and now - self.window_start >= self.window:
+            rate = self.window_bytes / (now - self.window_start)
+            if rate < self.min_rate:
+                raise WeightsError(
+                    f'Download of {self.url} too slow: {self._so_far(now)}, the last {now - self.window_start:.1f} s '
+                    f'at {rate:.0f} bytes/s, below the minimum of {self.min_rate:.0f} bytes/s (set {MIN_RATE_ENV} '
+                    f'lower, 0 for no minimum). Nothing was kept. {self.hint}')
+            self.window_start, self.window_bytes = now, 0
+
+
+def _copy_bounded(response, f, url: str, window: float, hint: str) -> None:
+    """Copy ``response`` to ``f``, one network read at a time, within the deadline and above the minimum rate."""
+    bounds = _DownloadBounds(url, window, getattr(response, 'length', None), hint)  # length: Content-Length, if sent
+    read = getattr(response, 'read1', None) or response.read  # read1: returns what one read got (a drip can't fill 1 MB)
+    while True:
+        chunk = read(1 << 20)
+        if not chunk:
+            return
+        f.write(chunk)
+        bounds.add(len(chunk))
+
+
+# The Hub file being downloaded by the zoo in this context: (its URL, what to do instead), or None.
+_HUB_DOWNLOAD: contextvars.ContextVar = contextvars.ContextVar('zoo_hub_download', default=None)
+_SYNC_BYTE_STREAM: list = []  # the SyncByteStream class of huggingface_hub's HTTP client (httpx), once known
+
+
+@functools.lru_cache(maxsize=None)
+def _bounded_stream_class(sync_byte_stream: type) -> type:
+    """A response body (a subclass of the HTTP client's ``SyncByteStream``) that checks the bounds on every
+    network read: huggingface_hub reads in 10 MB chunks, and one chunk of a drip never completes."""
+
+    class BoundedStream(sync_byte_stream):
+        def __init__(self, stream, bounds: _DownloadBounds):
+            self._stream, self._bounds = stream, bounds
+
+        def __iter__(self):
+            for chunk in self._stream:
+                self._bounds.add(len(chunk))
+                yield chunk
+
+        def close(self) -> None:
+            self._stream.close()
+
+    return BoundedStream
+
+
+def _bound_hub_response(response) -> None:
+    """huggingface_hub's HTTP client calls this with every response, before its body is read."""
+    download = _HUB_DOWNLOAD.get()
+    if download is None or response.request.method != 'GET' or response.request.url.path.startswith('/api/'):
+        return  # not a zoo download (or huggingface_hub's own side requests)
+    url, hint = download
+    length = response.headers.get('Content-Length')
+    total = int(length) if length and length.isdigit() else None
+    stream_class = _bounded_stream_class(_SYNC_BYTE_STREAM[0])
+    response.stream = stream_class(response.stream, _DownloadBounds(url, download_timeout(), total, hint))
+
+
+@contextlib.contextmanager
+def _bounded_hub_download(repo_id: str, filename: str, revision: Optional[str]):
+    """Bound the Hub downloads made inside (see the module docstring); on the error huggingface_hub deletes
+    its temporary file."""
+    from huggingface_hub.utils import get_session
+    client = get_session()
+    hooks = getattr(client, 'event_hooks', None)  # an httpx client (huggingface_hub >= 1.0); else not bounded
+    client_module = sys.modules.get(type(client).__module__.split('.')[0])
+    if isinstance(hooks, dict) and 'response' in hooks and hasattr(client_module, 'SyncByteStream'):
+        _SYNC_BYTE_STREAM[:] = [client_module.SyncByteStream]
+        if _bound_hub_response not in hooks['response']:  # once per client (huggingface_hub may build a new one)
+            hooks['response'].append(_bound_hub_response)
+    token = _HUB_DOWNLOAD.set((hf_hub_url(repo_id, filename, revision=revision), _hub_hint(repo_id)))
+    try:
+        yield
+    finally:
+        _HUB_DOWNLOAD.reset(token)
+
+
+def _hub_hint(repo_id: str) -> str:
+    return (f'Where there is internet, run `hf download {repo_id}` and bring that cache here (or point HF_HUB_CACHE '
+            f'at it), or save the model folder and load it with local-dir:PATH.')
 
 
 def sha256_mismatch(path: Path, expected: Optional[str]) -> Optional[str]:
@@ -198,7 +341,9 @@ def hub_download(repo_id: str, filename: str, revision: Optional[str] = None, ca
     cached = _answer_or_cache(repo_id, filename, revision, cache_dir)
     if cached is not None:
         return cached
-    return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, etag_timeout=download_timeout())
+    with _bounded_hub_download(repo_id, filename, revision):
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                               etag_timeout=download_timeout())
 
 
 def bound_timm_hub_downloads() -> None:
@@ -219,6 +364,8 @@ def bound_timm_hub_downloads() -> None:
             cached = _answer_or_cache(repo_id, filename, revision, cache_dir)
             if cached is not None:
                 return cached
+            with _bounded_hub_download(repo_id, filename, revision):
+                return download(repo_id, filename, *args, revision=revision, cache_dir=cache_dir, **kwargs)
         return download(repo_id, filename, *args, revision=revision, cache_dir=cache_dir, **kwargs)
 
     bounded.zoo_bounded = True

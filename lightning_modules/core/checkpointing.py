@@ -21,6 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from zoo.hub import CHECKPOINT_DIGEST_KEY, checkpoint_sha256, verify_checkpoint
+from zoo.hub.reading import unreadable_file_error
 
 __all__ = ['hparams_differences', 'checkpoint_model_config', 'newest_resume_checkpoint', 'resume_candidates',
            'DigestCheckpointIO',
@@ -34,9 +35,24 @@ HPC_PREFIX = 'hpc_ckpt_'  # Lightning's SIGUSR1 save: default_root_dir/hpc_ckpt_
 def read_checkpoint_header(path) -> Dict[str, Any]:
     """The checkpoint dict, with tensors memory-mapped (cheap: tensor data is not read)."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError:  # not the zip format: mmap is impossible
-        return torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # not the zip format: mmap is impossible
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        raise _in_the_zoos_words(path)
+
+
+def _in_the_zoos_words(path) -> BaseException:
+    """Inside an ``except``: the zoo's error for a file that is not a checkpoint, is damaged or holds Python
+    objects (never torch's advice to retry with ``weights_only=False``), else the exception being handled."""
+    import sys
+    refused = unreadable_file_error(path)
+    if refused is None:
+        return sys.exc_info()[1]
+    refused.__cause__ = None
+    refused.__suppress_context__ = True
+    return refused
 
 
 # ----------------------------------------------------------------------------------- hyper-parameters
@@ -130,6 +146,9 @@ class DigestCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> Dict[str, Any]:
         # weights_only=True always: left unset, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would make torch unpickle anything
-        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        try:
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except Exception:
+            raise _in_the_zoos_words(path)
         verify_checkpoint(checkpoint, path)
         return checkpoint

@@ -9,7 +9,8 @@ with fixed statistics folded in, BCN's channel stage as GroupNorm), with a dynam
 images from the shared data) with the model's own preprocessing, and its outputs are compared
 with the original PyTorch model's: the max difference is printed, and an export that differs by
 more than ``--tolerance`` (relative to the largest output) is not written (exit status 1).
-For a video (TSM) model, the images are the frames of two clips.
+For a video (TSM) model, the images are the frames of two clips. ``--out`` is checked first: a
+directory, or a place where no file can be made, fails before anything is built; errors name ``--out``.
 
 ONNX needs the ``onnx`` extra (``pip install wsbcn-zoo[onnx]``: onnx, onnxscript, onnxruntime).
 Details: ``docs/deployment.md``.
@@ -28,13 +29,16 @@ from timm.data import create_transform, resolve_data_config
 import zoo
 from zoo.models.tsm import TSMResNet
 
-from .datamodules import prepare_cifar10
+from ..classification.data import prepare_cifar10
 from .datasets import load_rgb
 from .predict import IMAGE_EXTENSIONS, list_inputs
 
-__all__ = ['FORMATS', 'ExportMismatchError', 'load_source', 'real_batch', 'export_checked', 'main']
+__all__ = ['FORMATS', 'ExportMismatchError', 'load_source', 'real_batch', 'check_output_path', 'export_checked',
+           'main']
 
 FORMATS = ('onnx', 'torchscript', 'exported')
+FORMAT_NAMES = {'onnx': 'ONNX export', 'torchscript': 'TorchScript export', 'exported': 'torch.export program'}
+SUFFIXES = {'onnx': '.onnx', 'torchscript': '.pt', 'exported': '.pt2'}
 _WEIGHT_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin', '.safetensors')
 DEFAULT_IMAGES = 4  # CIFAR-10 test images (one per class) when no --image is given
 
@@ -116,39 +120,79 @@ def _export_program(model: nn.Module, x: torch.Tensor, path: Path) -> Callable[[
 _EXPORTERS = {'onnx': _export_onnx, 'torchscript': _export_torchscript, 'exported': _export_program}
 
 
+def _temp_file(out: Path, fmt: str) -> Path:
+    """An empty file next to ``out`` (so that the final move is one rename), with a plain new file's
+    permissions; an ``OSError`` that names ``out`` (not the temporary name) when it cannot be made."""
+    if out.is_dir():
+        raise IsADirectoryError(f'{out} is a directory: --out takes the path of the file to write '
+                                f'(e.g. {out / ("model" + SUFFIXES[fmt])})')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{out.stem}.partial-', dir=out.parent,
+                                   suffix='.pt2' if fmt == 'exported' else out.suffix)  # torch.export.save: .pt2
+    except OSError as e:
+        raise OSError(f'cannot write {out}: no file can be created in {out.parent} ({e.strerror or e})') from None
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # the permissions of a plain new file, not mkstemp's 0600
+    return tmp
+
+
+def check_output_path(out: Path, fmt: str) -> None:
+    """Fail now, naming ``out``, if the export could not be written there (a directory, no such place,
+    no permission): before a model is loaded or traced."""
+    _temp_file(Path(out), fmt).unlink()
+
+
+def _naming_out(e: Exception, tmp: Path, out: Path) -> Exception:
+    """``e`` with the temporary file's name replaced by ``out`` (the name the user gave)."""
+    message = str(e).replace(str(tmp), str(out))
+    if message == str(e):
+        return e
+    kind = next(k for k in (ImportError, OSError, ValueError, RuntimeError, Exception) if isinstance(e, k))
+    renamed = kind(message)
+    renamed.__cause__ = e.__cause__
+    return renamed
+
+
 @torch.no_grad()
 def export_checked(model: nn.Module, x: torch.Tensor, fmt: str, out: Path, tolerance: float = 1e-4) -> float:
     """Export ``model``'s deployable form to ``out`` as ``fmt``; returns the max output difference on ``x``.
 
     The file is written next to ``out`` and moved there only if the export, loaded back from disk,
     gives ``model``'s outputs on ``x`` within ``tolerance * max(1, max |output|)``; otherwise
-    :class:`ExportMismatchError` and nothing is written. ``model`` is put in eval mode.
+    :class:`ExportMismatchError` and nothing is written. ``model`` is put in eval mode. ``out`` is
+    checked before anything is computed; errors name ``out``, never the temporary file.
     """
     if fmt not in _EXPORTERS:
         raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}')
-    model = model.eval()
-    expected = model(x)
-    deployable = zoo.export_for_inference(model)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{out.stem}.partial-', suffix='.pt2' if fmt == 'exported' else out.suffix,
-                               dir=out.parent)  # torch.export.save wants the .pt2 suffix
-    os.close(fd)
-    tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # the permissions of a plain new file, not mkstemp's 0600
+    tmp = _temp_file(out, fmt)
     try:
+        model = model.eval()
+        expected = model(x)
+        deployable = zoo.export_for_inference(model)
         example = x if len(x) > 1 else torch.cat([x, x])  # a batch of one would fix the batch size at 1
-        run = _EXPORTERS[fmt](deployable, example, tmp)
-        got = run(x)
+        try:
+            run = _EXPORTERS[fmt](deployable, example, tmp)
+            got = run(x)
+        except Exception as e:
+            renamed = _naming_out(e, tmp, out)
+            if renamed is e:
+                raise
+            raise renamed from None
         diff = (got.float() - expected.float()).abs().max().item() if got.shape == expected.shape else float('inf')
         limit = tolerance * max(1., expected.abs().max().item())
         if not diff <= limit:  # NaN fails too
             raise ExportMismatchError(
-                f'the {fmt} export differs from the PyTorch model: max |difference| {diff:.3g} > {limit:.3g} '
+                f'the {FORMAT_NAMES[fmt]} differs from the PyTorch model: max |difference| {diff:.3g} > {limit:.3g} '
                 f'(outputs {tuple(got.shape)} vs {tuple(expected.shape)}); {out} was not written')
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            raise OSError(f'cannot write {out}: {e.strerror or e}') from None
         return diff
     finally:
         tmp.unlink(missing_ok=True)
@@ -156,7 +200,7 @@ def export_checked(model: nn.Module, x: torch.Tensor, fmt: str, out: Path, toler
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='zoo-export', description=__doc__.split('\n\n')[0],
+        prog='zoo-export', description=__doc__.split('\n\n')[0].replace('``', ''),  # reST markup: not for a terminal
         epilog='The export is checked against PyTorch on a real batch and written only if it matches.')
     p.add_argument('model', help='model name (resnet20_wsbcn.cifar10), Lightning .ckpt, Hub folder or id')
     p.add_argument('--format', required=True, choices=FORMATS, help='onnx, torchscript, or exported (torch.export .pt2)')
@@ -170,13 +214,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        check_output_path(args.out, args.format)  # before the model is loaded or traced
         model = load_source(args.model, args.pretrained)
         x = real_batch(model, args.image)
         diff = export_checked(model, x, args.format, args.out, args.tolerance)
     except (ExportMismatchError, ImportError, RuntimeError, ValueError, OSError) as e:  # OSError: unreadable files
         print(f'zoo-export: error: {e}', file=sys.stderr)
         return 1
-    print(f'{args.format} export of {args.model} written to {args.out}; '
+    print(f'{FORMAT_NAMES[args.format]} of {args.model} written to {args.out}; '
           f'max |difference| from PyTorch on {tuple(x.shape)} real input: {diff:.3g}')
     return 0
 

@@ -18,6 +18,7 @@ import math
 import random
 from contextvars import ContextVar
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -29,6 +30,7 @@ from timm.utils import ModelEmaV3
 
 import zoo
 from zoo.hub import verify_checkpoint
+from zoo.hub.reading import unreadable_file_error
 from zoo.layers import set_bcn_batch_stage
 from .finetune import choose_bcn_batch_stage
 from .optim import OptimConfig, create_optimizer, create_scheduler, param_ndims
@@ -232,6 +234,12 @@ class TaskModule(pl.LightningModule):
         try:
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                                 strict=strict, weights_only=True, **kwargs)
+        except Exception:
+            # Not a checkpoint, damaged, or Python objects: the zoo's words, not torch's advice (weights_only=False).
+            refused = unreadable_file_error(checkpoint_path) if isinstance(checkpoint_path, (str, Path)) else None
+            if refused is not None:
+                raise refused from None
+            raise
         finally:
             _LOADING_FROM.reset(token)
 

@@ -17,7 +17,10 @@ returned half-loaded:
 - a truncated or unreadable file (the error names the file and what to do);
 - a state dict whose digest differs from the one :func:`save_hub_folder` recorded in
   ``config.json`` (``{"zoo": {"state_dict_sha256": ...}}``): the file was modified after publishing;
-- keys or shapes that do not fit the model.
+- keys or shapes that do not fit the model;
+- a folder whose ``config.json`` records no digests (unverifiable), unless the caller opts in with
+  ``allow_unverified=True`` (or ``ZOO_ALLOW_UNVERIFIED=1``): it then loads with an
+  :class:`UnverifiedWeightsWarning`. What each loader guarantees is listed in ``docs/hub.md``.
 
 Hub repos and folders load through timm (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``
 works on its own once ``zoo`` is imported); :func:`load_hub_model` adds the checks above, clear
@@ -25,13 +28,14 @@ errors for missing weights offline (``HF_HUB_OFFLINE=1``), and fails within ``ZO
 seconds when the Hub does not answer (:mod:`zoo._download`).
 """
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch.nn as nn
 
 from . import registry  # noqa: F401 (zoo.hub.registry)
 from .folders import (
-    CONFIG_NAME, WEIGHTS_NAME, ZOO_CONFIG_KEY, check_classifier, load_hub_model, main,
+    ALLOW_UNVERIFIED_ENV, CONFIG_NAME, WEIGHTS_NAME, ZOO_CONFIG_KEY, UnverifiedWeightsWarning, check_classifier,
+    load_hub_model, main,
     model_config_sha256, record_model_config_digest, save_hub_folder, verify_model_config, verify_state_dict)
 from .lightning import LightningCheckpoint, load_lightning_checkpoint, read_lightning_checkpoint
 from .reading import (
@@ -40,7 +44,8 @@ from .reading import (
 from .registry import PretrainedEntry, list_pretrained
 
 __all__ = [
-    'WeightsError', 'WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
+    'WeightsError', 'UnverifiedWeightsWarning', 'ALLOW_UNVERIFIED_ENV', 'WEIGHTS_NAME', 'CONFIG_NAME',
+    'ZOO_CONFIG_KEY', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256',
     'checkpoint_sha256', 'verify_checkpoint', 'read_weights', 'check_state_dict',
     'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
     'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
@@ -49,9 +54,12 @@ __all__ = [
 ]
 
 
-def load_model(source: Union[str, Path], **kwargs) -> nn.Module:
-    """Any saved zoo model: a Lightning ``.ckpt``, a Hub folder, ``local-dir:``/``hf-hub:`` or ``ORG/NAME``."""
+def load_model(source: Union[str, Path], allow_unverified: Optional[bool] = None, **kwargs) -> nn.Module:
+    """Any saved zoo model: a Lightning ``.ckpt``, a Hub folder, ``local-dir:``/``hf-hub:`` or ``ORG/NAME``.
+
+    ``allow_unverified=True`` loads a folder that records no digests (refused otherwise); a checkpoint
+    without the zoo's digest always loads, with an :class:`UnverifiedWeightsWarning`."""
     s = str(source)
     if Path(s).is_file():
         return load_lightning_checkpoint(s, **kwargs)
-    return load_hub_model(s, **kwargs)
+    return load_hub_model(s, allow_unverified=allow_unverified, **kwargs)

@@ -2,12 +2,19 @@
 loading them from a directory or a Hub repo with every check (digests of the weights and of the fields
 of ``config.json`` that define the model, a trained head never silently replaced).
 
-``python -m zoo.hub record-digest FOLDER...`` records the config digest of original folders.
+A folder whose ``config.json`` lacks either digest (a ``"zoo"`` block deleted, a plain timm folder, one
+published before the zoo recorded both) cannot be checked: nothing would tell an edited architecture
+from the original. The zoo refuses it unless the caller opts in (``allow_unverified=True``, or
+``ZOO_ALLOW_UNVERIFIED=1`` for ``timm.create_model``), and then loads it with an
+:class:`UnverifiedWeightsWarning`.
+
+``python -m zoo.hub record-digest FOLDER...`` records the digests of original folders.
 """
 import hashlib
 import json
-import logging
+import os
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -24,15 +31,21 @@ from timm.models._hub import load_model_config_from_path, save_for_hf
 from zoo._download import hub_download
 from .reading import WeightsError, read_weights, state_dict_sha256
 
-__all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'verify_state_dict', 'model_config_sha256',
+__all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'ALLOW_UNVERIFIED_ENV', 'UnverifiedWeightsWarning',
+           'verify_state_dict', 'model_config_sha256',
            'verify_model_config', 'check_classifier', 'save_hub_folder', 'record_model_config_digest',
            'load_hub_model', 'main']
-
-_logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 ZOO_CONFIG_KEY = 'zoo'  # top-level config.json key timm ignores; holds the digest
+ALLOW_UNVERIFIED_ENV = 'ZOO_ALLOW_UNVERIFIED'  # =1: load folders without digests (with a warning)
+
+
+class UnverifiedWeightsWarning(UserWarning):
+    """Weights loaded on the caller's request although nothing could check them (no digest recorded)."""
+
+
 _REPO_ID = re.compile(r'^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$')
 
 
@@ -49,7 +62,8 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], expected_sha256: O
 
 
 def _recorded_sha256(config: Mapping[str, Any]) -> Optional[str]:
-    return (config.get(ZOO_CONFIG_KEY) or {}).get('state_dict_sha256')
+    zoo_meta = config.get(ZOO_CONFIG_KEY)
+    return zoo_meta.get('state_dict_sha256') if isinstance(zoo_meta, Mapping) else None
 
 
 # What timm builds the model from (``timm.models._hub._parse_model_cfg`` and ``load_pretrained``):
@@ -67,19 +81,38 @@ def model_config_sha256(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
 
 
-def verify_model_config(config: Mapping[str, Any], source: str) -> None:
-    """Refuse a ``config.json`` whose model-defining fields differ from those recorded at publishing time.
+def _allowed_unverified(allow_unverified: Optional[bool]) -> bool:
+    if allow_unverified is not None:
+        return bool(allow_unverified)
+    return os.environ.get(ALLOW_UNVERIFIED_ENV, '').strip().lower() in ('1', 'true', 'yes', 'on')
 
-    Folders with a weights digest but no config digest (published before the zoo recorded one)
-    load with a warning: their ``config.json`` is not protected.
+
+def verify_model_config(config: Mapping[str, Any], source: str, allow_unverified: Optional[bool] = None) -> None:
+    """Refuse a ``config.json`` whose model-defining fields differ from those recorded at publishing time,
+    and one that records no digest of them or of the weights (unverifiable) unless ``allow_unverified``
+    (default: ``ZOO_ALLOW_UNVERIFIED=1``), which loads it with an :class:`UnverifiedWeightsWarning`.
     """
     zoo_meta = config.get(ZOO_CONFIG_KEY) or {}
+    if not isinstance(zoo_meta, Mapping):
+        zoo_meta = {}
     expected = zoo_meta.get('model_config_sha256')
-    if not expected:
-        if zoo_meta.get('state_dict_sha256'):
-            _logger.warning('%s records no model_config_sha256: edits of its %s are not detected '
-                            '(re-record with `python -m zoo.hub record-digest FOLDER`).', source, CONFIG_NAME)
-        return
+    missing = [k for k in ('state_dict_sha256', 'model_config_sha256') if not zoo_meta.get(k)]
+    if missing:
+        what = ' and '.join(missing)
+        if _allowed_unverified(allow_unverified):
+            warnings.warn(
+                f'{source} is loaded UNVERIFIED, as asked: its {CONFIG_NAME} records no {what}, so neither edits of '
+                f'its architecture or model arguments nor a modified weights file can be detected.',
+                UnverifiedWeightsWarning, stacklevel=3)
+            return
+        raise WeightsError(
+            f'{source} cannot be verified: its {CONFIG_NAME} records no {what} (the "{ZOO_CONFIG_KEY}" block that '
+            f'hub_upload.py and zoo.save_hub_folder write), so an edited architecture or model argument, or a '
+            f'modified weights file, would load as if it were the original. Refused. If you know this folder is '
+            f'the original (a plain timm folder of your own, say), record its digests with '
+            f'`python -m zoo.hub record-digest FOLDER`; or load it unverified with '
+            f'zoo.load_model(..., allow_unverified=True), or set {ALLOW_UNVERIFIED_ENV}=1 (which timm.create_model '
+            f'and zoo-export follow too).')
     if model_config_sha256(config) != expected:
         fields = ', '.join(list(_MODEL_CONFIG_FIELDS) + [f'pretrained_cfg.{k}' for k in _MODEL_PRETRAINED_CFG_FIELDS])
         raise WeightsError(
@@ -137,15 +170,18 @@ def save_hub_folder(
 
 
 def record_model_config_digest(folder: Union[str, Path], check_weights: bool = True) -> str:
-    """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest).
+    """Write ``zoo.model_config_sha256`` into a folder's ``config.json`` (after checking its weights digest),
+    and ``zoo.state_dict_sha256`` too if it has none.
 
     :func:`save_hub_folder` calls it; run it by hand (``python -m zoo.hub record-digest FOLDER``) only
-    for a folder whose ``config.json`` is known to be the original.
+    for a folder whose ``config.json`` and weights are known to be the original.
     """
     cfg_file = Path(folder) / CONFIG_NAME
     config = json.loads(cfg_file.read_text())
     if check_weights:
-        verify_state_dict(read_weights(Path(folder) / WEIGHTS_NAME), _recorded_sha256(config), str(folder))
+        state_dict = read_weights(Path(folder) / WEIGHTS_NAME)
+        verify_state_dict(state_dict, _recorded_sha256(config), str(folder))
+        config.setdefault(ZOO_CONFIG_KEY, {}).setdefault('state_dict_sha256', state_dict_sha256(state_dict))
     digest = model_config_sha256(config)
     config.setdefault(ZOO_CONFIG_KEY, {})['model_config_sha256'] = digest
     cfg_file.write_text(json.dumps(config, indent=2))  # timm's save_for_hf layout
@@ -208,16 +244,18 @@ def load_hub_model(
         source: str,
         revision: Optional[str] = None,
         cache_dir: Optional[Union[str, Path]] = None,
+        allow_unverified: Optional[bool] = None,
         **kwargs,
 ) -> nn.Module:
     """A model from a Hub repo (``ORG/NAME``, ``hf-hub:ORG/NAME[@REV]``) or a folder (``local-dir:PATH``).
 
     Checks the weights (readable, digest, keys and shapes) before timm builds the model and loads
     them; kwargs go to ``timm.create_model`` (e.g. ``num_classes=5`` re-initialises the classifier).
+    A folder without the zoo's digests is refused unless ``allow_unverified=True`` (see the module docstring).
     """
     folder, label = _resolve_folder(source, revision, cache_dir)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    verify_model_config(config, label)
+    verify_model_config(config, label, allow_unverified)
     state_dict = read_weights(folder / WEIGHTS_NAME)
     verify_state_dict(state_dict, _recorded_sha256(config), label)
     pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
@@ -240,11 +278,11 @@ def load_hub_model(
 
 
 def main(argv=None) -> int:
-    """``python -m zoo.hub record-digest FOLDER...``: record the config digest of original folders."""
+    """``python -m zoo.hub record-digest FOLDER...``: record the digests of original folders."""
     import argparse
     p = argparse.ArgumentParser(prog='python -m zoo.hub')
     sub = p.add_subparsers(dest='command', required=True)
-    rec = sub.add_parser('record-digest', help=record_model_config_digest.__doc__.splitlines()[0])
+    rec = sub.add_parser('record-digest', help='record the digests of folders known to be the original')
     rec.add_argument('folders', nargs='+')
     args = p.parse_args(argv)
     for folder in args.folders:

@@ -1,5 +1,6 @@
 """Lightning checkpoints: what they say about their model and run, and the model inside them (its EMA
 copy by the reader's EMA rule, :mod:`zoo.hub.reading`)."""
+import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 from timm.models import is_model, split_model_name_tag
 
-from .reading import WeightsError, load_weights, read_weights, strip_to_model_keys, verify_checkpoint
+from .reading import (
+    CHECKPOINT_DIGEST_KEY, WeightsError, load_weights, read_weights, strip_to_model_keys, verify_checkpoint)
 
 __all__ = ['LightningCheckpoint', 'read_lightning_checkpoint', 'load_lightning_checkpoint']
 
@@ -33,6 +35,7 @@ class LightningCheckpoint:
     epochs_completed: Optional[int] = None
     monitor: Optional[str] = None
     best_score: Optional[float] = None
+    verified: bool = False  # its tensors matched the zoo_sha256 digest recorded in it (False: it has none)
 
 
 def _epochs_completed(ckpt: Mapping[str, Any]) -> Optional[int]:
@@ -85,7 +88,7 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
         path=path, state_dict=dict(ckpt['state_dict']), hparams=hparams, model_name=_find_model_name(hparams),
         model_kwargs=_find_model_kwargs(hparams), epoch=ckpt.get('epoch'), global_step=ckpt.get('global_step'),
         epochs_completed=_epochs_completed(ckpt),
-        monitor=monitor, best_score=best)
+        monitor=monitor, best_score=best, verified=bool(ckpt.get(CHECKPOINT_DIGEST_KEY)))
 
 
 def load_lightning_checkpoint(
@@ -102,6 +105,10 @@ def load_lightning_checkpoint(
     the LightningModule's attribute prefix (``model.``) is found by matching the model's keys.
     """
     ckpt = read_lightning_checkpoint(path)
+    if not ckpt.verified:
+        from .folders import UnverifiedWeightsWarning
+        warnings.warn(f'{path} carries no {CHECKPOINT_DIGEST_KEY} digest (not written by zoo-train): its tensors are '
+                      f'loaded unverified.', UnverifiedWeightsWarning, stacklevel=2)
     name = model_name or ckpt.model_name
     if not name:
         raise WeightsError(

@@ -21,10 +21,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import safetensors.torch
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 
 __all__ = ['WeightsError', 'CHECKPOINT_DIGEST_KEY', 'state_dict_sha256', 'checkpoint_sha256', 'verify_checkpoint',
-           'read_weights', 'unwrap_checkpoint', 'strip_to_model_keys', 'read_state_dict', 'check_state_dict',
+           'file_format', 'read_weights', 'unreadable_file_error', 'unwrap_checkpoint', 'strip_to_model_keys', 'read_state_dict', 'check_state_dict',
            'load_weights']
 
 CHECKPOINT_DIGEST_KEY = 'zoo_sha256'  # Lightning checkpoints the zoo writes: checkpoint_sha256 of the rest
@@ -93,33 +92,94 @@ def verify_checkpoint(checkpoint: Mapping[str, Any], path: Union[str, Path]) -> 
 
 # ----------------------------------------------------------------------------------- files
 
-def _is_safetensors(path: Path) -> bool:
-    with path.open('rb') as f:
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format (a zip archive)
+_PICKLE_PROTOCOLS = range(2, 6)  # torch's legacy format: a pickle stream, b'\x80' + protocol
+
+
+def file_format(path: Union[str, Path]) -> Optional[str]:
+    """``'safetensors'``, ``'zip'`` or ``'pickle'`` (the two torch formats) from a file's first bytes;
+    ``'empty'``; or None for anything else (random bytes, text, an HTML error page...)."""
+    with Path(path).open('rb') as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{'
+    if not head:
+        return 'empty'
+    if len(head) == 9 and head[8:9] == b'{':  # an 8-byte header length, then the JSON header
+        return 'safetensors'
+    if head.startswith(_ZIP_MAGIC):
+        return 'zip'
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS:
+        return 'pickle'
+    return None
+
+
+def _refused_global(message: str) -> Optional[str]:
+    """The object a weights-only load refused (``GLOBAL module.Name``), or None when it failed otherwise.
+
+    Only this part of PyTorch's message is passed on: the rest advises ``weights_only=False`` or
+    allow-listing the class, which the zoo never does."""
+    import re
+    m = re.search(r'Unsupported global: (GLOBAL [\w.]+)', message)
+    if m is None:
+        m = re.search(r'(Trying to (?:call reduce for|instantiate) unrecognized [^\n.]+)', message)
+    return m.group(1) if m else None
+
+
+def _corrupted(path: Path, size: int, why: str) -> 'WeightsError':
+    return WeightsError(f'Cannot read checkpoint {path} ({size} bytes): {why}. The file is truncated or corrupted '
+                        f'(an interrupted download?). Delete it and download it again.')
 
 
 def read_weights(path: Union[str, Path]) -> Any:
-    """Read a safetensors file, or a torch file with ``weights_only=True``; clear errors when bad."""
+    """Read a safetensors file, or a torch file with ``weights_only=True``; clear errors when bad.
+
+    The format is told from the first bytes, so a file that is neither (random bytes, text, an HTML
+    page saved under a checkpoint's name) is called that, not a file of refused Python objects.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f'Weights file {path} does not exist.')
     size = path.stat().st_size
-    try:
-        if _is_safetensors(path):
+    kind = file_format(path)
+    if kind == 'empty':
+        raise WeightsError(f'Checkpoint {path} is empty (0 bytes): an interrupted download or save? Delete it and '
+                           f'download or save it again.')
+    if kind is None:
+        with path.open('rb') as f:
+            head = f.read(8)
+        raise WeightsError(
+            f'{path} ({size} bytes) is not a readable checkpoint: neither a torch file (zip or pickle) nor '
+            f'safetensors (it starts with bytes {head.hex(" ")}). Was the right file given, or was an error page '
+            f'saved in its place? Delete it and download or save it again.')
+    if kind == 'safetensors':
+        try:
             return safetensors.torch.load_file(str(path), device='cpu')
+        except Exception as e:  # SafetensorError, a header that is not JSON, ...
+            raise _corrupted(path, size, f'{type(e).__name__}: {e}') from e
+    try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'weights only' not in str(e).lower():
-            raise WeightsError(f'Cannot read checkpoint {path} ({size} bytes): {e}. The file is truncated or '
-                               f'corrupted; delete it and download it again.') from e
+        refused = _refused_global(str(e))
+        if refused is None:  # an unknown opcode, a cut stream: a damaged file, not a refusal
+            why = str(e).split('WeightsUnpickler error:')[-1].split('Check the documentation')[0].strip()
+            raise _corrupted(path, size, f'not a readable torch file ({why or type(e).__name__})') from None
         raise WeightsError(
-            f'{path} holds Python objects that weights_only loading refuses ({e}). The zoo never unpickles '
-            f'arbitrary objects; if you trust the file, re-save its state_dict with safetensors.') from e
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(
-            f'Cannot read checkpoint {path} ({size} bytes): {e}. The file is truncated or corrupted '
-            f'(an interrupted download?). Delete it and download it again.') from e
+            f'{path} holds Python objects besides tensors ({refused}), which the zoo does not load: it reads files '
+            f'only with safetensors or torch.load(weights_only=True), so that loading a file can never run code. If '
+            f'you trust the file, re-save its state_dict with safetensors.') from None  # PyTorch's message advises weights_only=False
+    except Exception as e:  # zip errors, EOFError, KeyError / IndexError from a damaged pickle, ...
+        raise _corrupted(path, size, f'{type(e).__name__}: {e}') from e
+
+
+def unreadable_file_error(path: Union[str, Path]) -> Optional[WeightsError]:
+    """The :class:`WeightsError` :func:`read_weights` raises for a local file (no checkpoint, damaged, or
+    holding Python objects), or None when it reads or is not a local file: for loaders that read with
+    another library (timm, Lightning) and must not pass on its advice to retry with ``weights_only=False``."""
+    try:
+        if Path(path).is_file():
+            read_weights(path)
+    except WeightsError as e:
+        return e
+    return None
 
 
 # ----------------------------------------------------------------------------------- layouts

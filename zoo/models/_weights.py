@@ -184,10 +184,17 @@ def build_zoo_model(model_cls, variant: str, pretrained: bool = False, pretraine
             pretrained_filter_fn=_make_filter(spec, cache_dir), **kwargs)
     except WeightsError:
         raise
-    except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+    except Exception as e:
         if not pretrained:
             raise
         where = _weights_location(variant, pretrained_cfg, pretrained_cfg_overlay)
+        from zoo._download import url_cache_path
+        from zoo.hub.reading import unreadable_file_error
+        refused = unreadable_file_error(url_cache_path(where, cache_dir) if '://' in where else where)
+        if refused is not None:  # the zoo's own words (timm's advise retrying with weights_only=False)
+            raise refused from None
+        if not isinstance(e, (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError)):
+            raise
         if isinstance(e, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError)):
             what = 'The download failed (network)'
         else:

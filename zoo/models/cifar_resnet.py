@@ -24,7 +24,7 @@ from timm.models.resnet import BasicBlock, ResNet, make_blocks
 from zoo.hub.registry import HUB_ORG, pretrained_cfgs  # noqa: F401 (HUB_ORG: still importable from here)
 from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, folds_in_eval
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
-from .resnet import check_image_batch
+from .resnet import check_image_batch, fx_symbolic_tracing, weight_dtype
 from ._weights import build_zoo_model
 
 torch.fx.wrap('check_image_batch')  # one FX node, run on real tensors (see zoo.models.resnet)
@@ -90,8 +90,16 @@ class CifarResNet(FoldsConvNormsInEval, ResNet):
         return [getattr(self, n) for n in self.stage_names]
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``CifarResNet``)."""
-        return check_image_batch('CifarResNet' if torch.jit.is_scripting() else type(self).__name__, x, self.in_chans)
+        """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``CifarResNet``).
+
+        The dtype check is left out of FX graphs: graph passes (quantization) replace the weights."""
+        dtype: Optional[torch.dtype] = None
+        if torch.jit.is_scripting():
+            dtype = self.conv1.weight.dtype
+        elif not fx_symbolic_tracing():
+            dtype = weight_dtype(self.conv1)
+        return check_image_batch('CifarResNet' if torch.jit.is_scripting() else type(self).__name__, x, self.in_chans,
+                                 dtype)
 
     @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

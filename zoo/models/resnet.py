@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.fx
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs
@@ -35,22 +36,27 @@ from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, 
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from ._weights import build_zoo_model
 
-__all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values', 'shape_text']
+__all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values', 'shape_text', 'weight_dtype']
+
+# True inside torch.fx.symbolic_trace only (is_fx_tracing, the fallback on old torch, also warns under torch.export)
+fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
 
 
 @register_notrace_function
-def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int) -> torch.Tensor:
+def check_image_batch(model_name: str, x: torch.Tensor, in_chans: int,
+                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Clear errors for the usual wrong inputs, before they reach a conv; returns ``x``.
 
     Branches on the input's shape and dtype, so FX records it as one call (timm's notrace
     functions; ``torch.fx.wrap`` below for the methods that call it) and runs it on real tensors.
     Callers use the returned ``x``, so graph passes that drop unused nodes keep the check.
-    TorchScript-compatible, so scripted models (and scripted FX graphs) keep it too.
+    TorchScript-compatible, so scripted models (and scripted FX graphs) keep it too. ``dtype``: the
+    dtype of the model's weights (None: not checked), see :func:`check_batch_values`.
     """
     if x.ndim != 4:
         hint = ' (a single image? add the batch dimension with x.unsqueeze(0))' if x.ndim == 3 else ''
         raise ValueError(f'{model_name} expects a 4-D (N, C, H, W) image batch, got shape {shape_text(x)}{hint}')
-    check_batch_values(model_name, x, 'image batch')
+    check_batch_values(model_name, x, 'image batch', dtype)
     if x.shape[1] != in_chans:
         raise ValueError(
             f'{model_name} expects {in_chans} input channels, got {x.shape[1]} (input shape {shape_text(x)}); '
@@ -63,8 +69,21 @@ def shape_text(x: torch.Tensor) -> str:
     return '(' + ', '.join([str(d) for d in x.shape]) + (',)' if x.ndim == 1 else ')')
 
 
-def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
-    """A floating-point batch of at least one sample (shape and dtype only: no look at the values)."""
+def _autocast_on(x: torch.Tensor) -> bool:
+    if torch.jit.is_scripting():  # TorchScript's is_autocast_enabled takes no device
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def weight_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of ``module.weight`` (a model's first conv: the input dtype it expects), None if it has no tensor weight."""
+    weight = getattr(module, 'weight', None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else None
+
+
+def check_batch_values(model_name: str, x: torch.Tensor, kind: str, expected: Optional[torch.dtype] = None) -> None:
+    """A floating-point batch of at least one sample (shape and dtype only: no look at the values), of dtype
+    ``expected`` (the weights', if given) unless autocast runs the convs in lower precision (never from float64)."""
     if not x.is_floating_point():
         dtype = 'not floating-point' if torch.jit.is_scripting() else str(x.dtype)  # TorchScript prints a number
         raise TypeError(
@@ -75,6 +94,14 @@ def check_batch_values(model_name: str, x: torch.Tensor, kind: str) -> None:
         raise ValueError(
             f'{model_name} got an empty {kind} (shape {shape_text(x)}): there is nothing to compute; '
             f'skip empty batches before calling the model')
+    if expected is not None and x.dtype != expected and (x.dtype == torch.float64 or not _autocast_on(x)):
+        if torch.jit.is_scripting():
+            raise TypeError(f'{model_name} expects the dtype of its weights for its {kind}, got another '
+                            f'(shape {shape_text(x)}): convert it with x.to(dtype) first')
+        raise TypeError(
+            f'{model_name} expects a {expected} {kind} (the dtype of its weights), got {x.dtype} (shape '
+            f'{shape_text(x)}): convert it first with x.to({expected}), or convert the model with '
+            f'model.to({x.dtype}) to compute in {x.dtype}')
 
 
 # FX patches wrapped names in the globals of the calling module (timm's list reaches forward() only).
@@ -99,8 +126,16 @@ class ZooResNet(FoldsConvNormsInEval, ResNet):
             convert_to_ws(self, ws_formula)
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``ZooResNet``)."""
-        return check_image_batch('ZooResNet' if torch.jit.is_scripting() else type(self).__name__, x, self.in_chans)
+        """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``ZooResNet``).
+
+        The dtype check is left out of FX graphs: graph passes (quantization) replace the weights."""
+        dtype: Optional[torch.dtype] = None
+        if torch.jit.is_scripting():
+            dtype = self.conv1.weight.dtype
+        elif not fx_symbolic_tracing():
+            dtype = weight_dtype(self.conv1)
+        return check_image_batch('ZooResNet' if torch.jit.is_scripting() else type(self).__name__, x, self.in_chans,
+                                 dtype)
 
     @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
