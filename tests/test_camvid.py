@@ -55,6 +55,7 @@ def test_the_real_datamodule_reads_camvid_at_half_resolution():
     data = cli.datamodule
     data.setup('fit')
     assert (len(data.train_set), len(data.val_set)) == (367, 101)
+    assert len(data.class_names) == 11 and data.class_names[:2] == ['sky', 'building']  # from classes.txt
     batch = next(iter(data.train_dataloader()))
     assert batch['image'].shape == (8, 3, 192, 192) and batch['mask'].shape == (8, 192, 192)
     labels = set(batch['mask'].unique().tolist())
