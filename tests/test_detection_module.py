@@ -92,7 +92,8 @@ def test_fit_reports_box_and_mask_ap_through_the_cli(tmp_path, monkeypatch, caps
         assert val[0][key] != '', key
     assert any(r.get('train/loss_mask') for r in rows) and any(r.get('train/loss_classifier') for r in rows)
     out = capsys.readouterr().out  # the end-of-fit summary (--test_after_fit)
-    assert 'Test on 100 images of the test split: ' in out and 'test/bbox_map ' in out and 'test/segm_map ' in out
+    # limit_test_batches 0.02 of 100 images: 2 were scored, and the line says so (it used to say 100)
+    assert 'Test on 2 images of the test split: ' in out and 'test/bbox_map ' in out and 'test/segm_map ' in out
     assert (tmp_path / 'run' / 'checkpoints' / 'last.ckpt').is_file()
     ckpt = torch.load(tmp_path / 'run' / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
     assert len(ckpt['coco_categories']) == 80 and ckpt['coco_categories'][-1]['id'] == 90
