@@ -1,13 +1,12 @@
 """``ImageClassifier``: train or fine-tune any zoo or timm model, at any number of images per device."""
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-
-import numpy as np
 
 import zoo
 from ..core.emulation import split_devices, virtual_devices

@@ -12,9 +12,10 @@ newest resume point, and record a digest with every ``.ckpt`` it writes.
   verifies it on every load (resume, ``validate``/``test --ckpt_path``), so bytes flipped inside
   tensor data are refused (``zoo.load_model`` checks the same digest).
 """
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -34,25 +35,24 @@ HPC_PREFIX = 'hpc_ckpt_'  # Lightning's SIGUSR1 save: default_root_dir/hpc_ckpt_
 
 def read_checkpoint_header(path) -> Dict[str, Any]:
     """The checkpoint dict, with tensors memory-mapped (cheap: tensor data is not read)."""
-    try:
+    with in_the_zoos_words(path):
         try:
             return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except RuntimeError:  # not the zip format: mmap is impossible
             return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@contextlib.contextmanager
+def in_the_zoos_words(path) -> Iterator[None]:
+    """Re-raise a failed read of ``path`` as the zoo's error when the file is not a checkpoint, is damaged or
+    holds Python objects (never torch's advice to retry with ``weights_only=False``); other errors pass."""
+    try:
+        yield
     except Exception:
-        raise _in_the_zoos_words(path)
-
-
-def _in_the_zoos_words(path) -> BaseException:
-    """Inside an ``except``: the zoo's error for a file that is not a checkpoint, is damaged or holds Python
-    objects (never torch's advice to retry with ``weights_only=False``), else the exception being handled."""
-    import sys
-    refused = unreadable_file_error(path)
-    if refused is None:
-        return sys.exc_info()[1]
-    refused.__cause__ = None
-    refused.__suppress_context__ = True
-    return refused
+        refused = unreadable_file_error(path) if isinstance(path, (str, Path)) else None
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 # ----------------------------------------------------------------------------------- hyper-parameters
@@ -146,9 +146,7 @@ class DigestCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> Dict[str, Any]:
         # weights_only=True always: left unset, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would make torch unpickle anything
-        try:
+        with in_the_zoos_words(path):
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except Exception:
-            raise _in_the_zoos_words(path)
         verify_checkpoint(checkpoint, path)
         return checkpoint

@@ -18,7 +18,6 @@ import math
 import random
 from contextvars import ContextVar
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -30,8 +29,8 @@ from timm.utils import ModelEmaV3
 
 import zoo
 from zoo.hub import verify_checkpoint
-from zoo.hub.reading import unreadable_file_error
 from zoo.layers import set_bcn_batch_stage
+from .checkpointing import in_the_zoos_words
 from .finetune import choose_bcn_batch_stage
 from .optim import OptimConfig, create_optimizer, create_scheduler, param_ndims
 
@@ -232,14 +231,10 @@ class TaskModule(pl.LightningModule):
                              'arbitrary Python objects could run code when loaded')
         token = _LOADING_FROM.set(str(checkpoint_path))
         try:
-            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                                strict=strict, weights_only=True, **kwargs)
-        except Exception:
-            # Not a checkpoint, damaged, or Python objects: the zoo's words, not torch's advice (weights_only=False).
-            refused = unreadable_file_error(checkpoint_path) if isinstance(checkpoint_path, (str, Path)) else None
-            if refused is not None:
-                raise refused from None
-            raise
+            with in_the_zoos_words(checkpoint_path):
+                return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                                    hparams_file=hparams_file, strict=strict, weights_only=True,
+                                                    **kwargs)
         finally:
             _LOADING_FROM.reset(token)
 
