@@ -28,6 +28,7 @@ FX and TorchScript: under any FX tracer the layer is one ``call_module`` node (:
 which runs this forward, fast paths included. Scripted, it runs the plain two stages.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
 from .eval_folding import take_folded, tensors_state
 from .fx_leaf import fx_leaf_call
+from .memory_lean import memory_lean_enabled
+from .moment_affine import MomentAffine, affine_per_sample_channel, per_sample_channel_sums
 
 __all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'running_stats_affine', 'set_bcn_batch_stage']
 
@@ -139,6 +142,8 @@ class BatchChannelNorm2d(nn.Module):
         if x.ndim == 4 and x.shape[0] == 0:
             return self._empty_forward(x)
         if x.ndim != 4 or not self._fixed_stage():
+            if self._lean_batch_stage_applies(x):
+                return self._lean_batch_stage_forward(x)
             return self._two_stage_forward(x)
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         mean, var = sample_channel_moments(x)
@@ -150,6 +155,28 @@ class BatchChannelNorm2d(nn.Module):
         args = (x, mean, var, a.to(stat_dtype), b.to(stat_dtype), self.weight.to(stat_dtype), self.bias.to(stat_dtype),
                 self.num_groups, self.eps, out_dtype)
         return _FusedBCN.apply(*args) if torch.is_grad_enabled() else _FusedBCN.inference(*args)
+
+    def _lean_batch_stage_applies(self, x: torch.Tensor) -> bool:
+        """Whether a ``'batch'`` stage in training can run as one :class:`MomentAffine` (memory-lean path)."""
+        bn = self._modules['bn']
+        return (memory_lean_enabled() and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.training
+                and bn.affine and bn.running_mean is not None and not bn._forward_hooks and not bn._forward_pre_hooks
+                and type(x) is torch.Tensor and x.ndim == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _is_exporting()
+                and not torch._C._are_functorch_transforms_active())
+
+    def _lean_batch_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Both stages, batch statistics included, as one affine of ``x`` that keeps only ``x`` for backward
+        (the two-stage path also keeps the batch stage's output); running statistics as ``nn.BatchNorm2d``."""
+        bn = self.bn
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        mean, var = sample_channel_moments(x)
+        with torch.no_grad():
+            _update_running_stats(bn, mean, var, x.shape[2] * x.shape[3])
+        out_dtype = torch.float32 if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda') else x.dtype
+        coefficients = partial(_bcn_batch_coefficients, num_groups=self.num_groups, eps=self.eps)
+        params = (bn.weight, bn.bias, self.weight, self.bias)
+        return MomentAffine.apply(x, mean, var, coefficients, out_dtype, *(p.to(stat_dtype) for p in params))
 
     def _empty_forward(self, x: torch.Tensor) -> torch.Tensor:
         """No samples (e.g. a detector's mask head for an image without detections): nothing to normalize.
@@ -213,38 +240,28 @@ def _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps):
     return big_a, big_b, mu, rstd
 
 
-def _per_sample_channel_sums(t: torch.Tensor, x: torch.Tensor):
-    """``sum(t)`` and ``sum(t * x)`` over (H, W) for each (sample, channel), as (N, C) tensors."""
-    n, c = t.shape[:2]
-    if t.is_contiguous() and x.is_contiguous():
-        # (1, N*C, H*W) views make these the bias and weight gradients of an identity batch norm:
-        # one fused native pass, no product tensor.
-        t1, x1 = t.view(1, n * c, -1), x.view(1, n * c, -1)
-        ones, zeros = x1.new_ones(n * c), x1.new_zeros(n * c)
-        _, s_tx, s_t = torch.ops.aten.native_batch_norm_backward(
-            t1, x1, ones, zeros, ones, None, None, False, 0., [False, True, True])
-        return s_t.view(n, c), s_tx.view(n, c)
-    return t.sum((2, 3)), (t * x).sum((2, 3))
+def _batch_moments(mean: torch.Tensor, var: torch.Tensor):
+    """Per-channel mean and biased variance over (N, H, W) from per-(sample, channel) moments."""
+    batch_mean = mean.mean(0)
+    return batch_mean, (var + (mean - batch_mean).square()).mean(0)
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled`` that is False (not an error) for devices without autocast, e.g. ``meta``."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+def _bcn_batch_coefficients(mean, var, bn_weight, bn_bias, gw, gb, num_groups: int, eps: float):
+    """:class:`MomentAffine` coefficients of BCN with a ``'batch'`` stage: batch statistics, then the channel stage."""
+    batch_mean, batch_var = _batch_moments(mean, var)
+    a = bn_weight * torch.rsqrt(batch_var + eps)
+    big_a, big_b, _, _ = _bcn_coefficients(mean, var, a, bn_bias - batch_mean * a, gw, gb, num_groups, eps)
+    return big_a, big_b
 
 
-def _affine_per_sample_channel(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * scale + shift`` with (N, C) coefficients, in one pass where possible; a new tensor like ``x``."""
-    n, c = scale.shape
-    if x.is_contiguous() and x.dtype == scale.dtype and not _autocast_enabled(x.device.type):
-        # On (1, N*C, H*W) views with zero mean, unit variance and eps 0, batch_norm's eval kernel
-        # computes exactly x * scale + shift in one fused pass (faster than broadcasting mul / add).
-        # It writes through a view into ``out``, so the result is no view (in-place ops may follow).
-        out = torch.empty_like(x)
-        torch.ops.aten.native_batch_norm.out(
-            x.view(1, n * c, -1), scale.reshape(-1), shift.reshape(-1), scale.new_zeros(n * c), scale.new_ones(n * c),
-            False, 0., 0., out=out.view(1, n * c, -1), save_mean=scale.new_empty(0), save_invstd=scale.new_empty(0))
-        return out
-    return torch.mul(x, scale[:, :, None, None].to(x.dtype)).add_(shift[:, :, None, None].to(x.dtype))
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """``bn``'s running statistics updated as its training forward would, from per-(sample, channel) moments."""
+    batch_mean, batch_var = _batch_moments(mean, var)
+    n = mean.shape[0] * count
+    bn.num_batches_tracked.add_(1)
+    rate = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.lerp_(batch_mean.to(bn.running_mean.dtype), rate)
+    bn.running_var.lerp_((batch_var * (n / (n - 1))).to(bn.running_var.dtype), rate)
 
 
 class _FusedBCN(torch.autograd.Function):
@@ -259,13 +276,13 @@ class _FusedBCN(torch.autograd.Function):
         big_a, big_b, mu, rstd = _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps)
         ctx.save_for_backward(x, mean, var, a, b, gw, mu, rstd)
         ctx.num_groups = num_groups
-        return _affine_per_sample_channel(x, big_a.to(out_dtype), big_b.to(out_dtype))
+        return affine_per_sample_channel(x, big_a.to(out_dtype), big_b.to(out_dtype))
 
     @staticmethod
     def inference(x, mean, var, a, b, gw, gb, num_groups: int, eps: float, out_dtype: torch.dtype):
         """The forward without the autograd.Function machinery, for use when autograd is off."""
         big_a, big_b, _, _ = _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps)
-        return _affine_per_sample_channel(x, big_a.to(out_dtype), big_b.to(out_dtype))
+        return affine_per_sample_channel(x, big_a.to(out_dtype), big_b.to(out_dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -273,7 +290,7 @@ class _FusedBCN(torch.autograd.Function):
         g = ctx.num_groups
         n, c = mean.shape
         hw = x.shape[2] * x.shape[3]
-        s_dy, s_dyx = _per_sample_channel_sums(dy.to(mean.dtype), x.to(mean.dtype))   # (N, C)
+        s_dy, s_dyx = per_sample_channel_sums(dy.to(mean.dtype), x.to(mean.dtype))   # (N, C)
         a_g, b_g = a.view(1, g, -1), b.view(1, g, -1)
         s_dy_g, s_dyx_g = s_dy.view(n, g, -1), s_dyx.view(n, g, -1)
         # sum(dy * zhat) per (n, c), zhat = (a * x + b - mu) * rstd
@@ -297,7 +314,7 @@ class _FusedBCN(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:  # dx = a * dz
             coef_dy, coef_x, coef_0 = ((t * a_g).reshape(n, c).to(dy.dtype) for t in (c_dy, c_x, c_0))
-            grad_x = _affine_per_sample_channel(x, coef_x, coef_0).addcmul_(dy, coef_dy[:, :, None, None])
+            grad_x = affine_per_sample_channel(x, coef_x, coef_0).addcmul_(dy, coef_dy[:, :, None, None])
         return grad_x, None, None, grad_a, grad_b, grad_gw, grad_gb, None, None, None
 
 

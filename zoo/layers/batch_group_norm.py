@@ -27,6 +27,7 @@ FX and TorchScript: under any FX tracer the layer is one ``call_module`` node (:
 so traced graphs update the running statistics as eager does. Scripted, a skipped update is
 counted but not warned about.
 """
+from functools import partial
 from typing import Optional
 
 import torch
@@ -34,10 +35,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .estimated_batch_norm import sample_channel_moments
 from .fx_leaf import fx_leaf_call
+from .memory_lean import memory_lean_enabled
+from .moment_affine import MomentAffine
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
 __all__ = ['BatchGroupNorm2d']
+
+
+def _group_moments(mean: torch.Tensor, var: torch.Tensor, num_groups: int):
+    """(1, G, 1) mean and biased variance over (batch, group) from per-(sample, channel) moments."""
+    n = mean.shape[0]
+    grouped_mean, grouped_var = mean.view(n, num_groups, -1), var.view(n, num_groups, -1)
+    group_mean = grouped_mean.mean((0, 2), keepdim=True)
+    return group_mean, (grouped_var + (grouped_mean - group_mean).square()).mean((0, 2), keepdim=True)
+
+
+def _bgn_coefficients(mean, var, weight, bias, num_groups: int, eps: float):
+    """:class:`MomentAffine` coefficients of BGN: the group statistics' normalization, then the per-channel affine."""
+    n, c = mean.shape
+    group_mean, group_var = _group_moments(mean, var, num_groups)
+    big_a = weight.view(1, num_groups, -1) * torch.rsqrt(group_var + eps)
+    big_b = bias.view(1, num_groups, -1) - group_mean * big_a
+    return big_a.expand(n, -1, -1).reshape(n, c), big_b.expand(n, -1, -1).reshape(n, c)
+
+
+def _lean_applies(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether training can take the memory-lean :class:`MomentAffine` path (eager, plain tensors)."""
+    return (memory_lean_enabled() and norm.training and torch.is_grad_enabled() and type(x) is torch.Tensor
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _is_exporting()
+                and not torch._C._are_functorch_transforms_active())
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
@@ -99,6 +132,9 @@ class BatchGroupNorm2d(nn.Module):
                 return (x * scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
             zeros, ones = scale.new_zeros(self.num_channels), scale.new_ones(self.num_channels)
             return F.batch_norm(x, zeros, ones, scale, shift, False, 0., 0.)
+        if not torch.jit.is_scripting():
+            if _lean_applies(self, x):
+                return self._lean_forward(x)
         # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
         grouped = x.reshape(x.shape[0], self.num_groups, -1)
         # batch_norm updates copies (autograd may keep them for backward); the buffers take them if finite.
@@ -114,6 +150,25 @@ class BatchGroupNorm2d(nn.Module):
                 self._keep_finite_running_stats(mean, var)
         weight, bias = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
         return (y.view_as(x) * weight).add_(bias)  # in-place add: one temporary less
+
+    def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training as one affine of ``x`` that keeps only ``x`` for backward (:class:`MomentAffine`); the
+        batch-norm path also keeps its normalized output for the per-channel affine's gradient."""
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        mean, var = sample_channel_moments(x)
+        if self.running_mean is not None:
+            with torch.no_grad():
+                group_mean, group_var = _group_moments(mean, var, self.num_groups)
+                count = x.numel() // self.num_groups
+                rate = self.momentum
+                self._keep_finite_running_stats(
+                    torch.lerp(self.running_mean, group_mean.view(-1).to(self.running_mean.dtype), rate),
+                    torch.lerp(self.running_var, (group_var.view(-1) * (count / max(count - 1, 1))).to(
+                        self.running_var.dtype), rate))
+        coefficients = partial(_bgn_coefficients, num_groups=self.num_groups, eps=self.eps)
+        out_dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        return MomentAffine.apply(x, mean, var, coefficients, out_dtype, self.weight.to(stat_dtype),
+                                  self.bias.to(stat_dtype))
 
     @torch.no_grad()
     def _keep_finite_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:

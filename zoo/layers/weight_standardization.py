@@ -20,6 +20,7 @@ name       s =                              used by
 Why ``zoo`` as the default: eps inside the root never divides by zero (the authors agreed it
 belongs there after NaN reports), and the biased variance stays defined for a fan-in of one.
 """
+from contextlib import nullcontext
 from typing import NamedTuple, Union
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .eval_folding import fold_target, mark_folded, tensors_state
+from .memory_lean import memory_lean_enabled
 
 __all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight',
            'standardize_conv_weight', 'WSConv2d']
@@ -96,6 +98,128 @@ def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DE
     """Standardize a conv weight per output channel (dim 0) with the given formula."""
     f = resolve_ws_formula(formula)
     return standardize_conv_weight(weight, f.eps, f.unbiased, f.eps_in_sqrt)
+
+
+def _autocast_dtype(device_type: str):
+    """The autocast dtype convolutions run in on ``device_type``, or None when autocast is off there."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _row_statistics(rows: torch.Tensor, f: WSFormula):
+    """Per output channel ``(w_hat rows, mean, s, r)`` of :func:`_standardization_backward_`'s formula."""
+    if f.eps_in_sqrt and not f.unbiased:  # the fused kernel of standardize_conv_weight, with its statistics
+        w_hat, mean, invstd = torch.native_batch_norm(rows.unsqueeze(0), None, None, None, None, True, 0., f.eps)
+        s = invstd.reciprocal()
+        return w_hat.squeeze(0), mean, s, s
+    var, mean = torch.var_mean(rows, dim=1, correction=int(f.unbiased))
+    r = (var + f.eps).sqrt() if f.eps_in_sqrt else var.sqrt()
+    s = r if f.eps_in_sqrt else r + f.eps
+    return (rows - mean[:, None]) / s[:, None], mean, s, r
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled on ``device_type`` (a no-op context for devices without autocast, e.g. ``meta``)."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+
+
+class _LeanWSConv(torch.autograd.Function):
+    """``conv2d(x, standardize(weight))`` that keeps the raw weight for backward, not the standardized copy.
+
+    Autograd's graph of the same expression keeps ``w_hat`` alive until backward (one more copy of
+    every conv weight), and its backward holds ``w_hat``, its gradient and the weight's gradient at
+    once, at the layer where activations peak. Here backward recomputes ``w_hat`` for the input
+    gradient only, frees it, and turns the conv's weight gradient into the raw weight's in place
+    (:func:`_standardization_backward_`), so a WS conv's backward holds no more than a plain conv's.
+    Under autocast, inputs are cast as autocast would (and the cast input is what is kept).
+    Single backward only (``once_differentiable``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups: int, formula: WSFormula):
+        amp_dtype = _autocast_dtype(x.device.type)
+        with torch.no_grad(), _autocast_off(x.device.type):
+            rows, mean, s, r = _row_statistics(_per_output_rows(weight), formula)
+            w_hat = _as_weight(rows, weight)
+            if amp_dtype is not None:
+                x, w_hat = x.to(amp_dtype), w_hat.to(amp_dtype)
+                bias = bias.to(amp_dtype) if bias is not None else None
+            out = F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, mean, s, r)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.unbiased = formula.unbiased
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, mean, s, r = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        needs_b = needs_b and ctx.bias_shape is not None
+        grad_out = grad_out.to(x.dtype)
+        conv_args = (stride, padding, dilation, False, [0] * len(stride), groups)
+        grad_x = grad_w = grad_b = None
+        with torch.no_grad(), _autocast_off(x.device.type):
+            if needs_x:  # the only use of w_hat: recomputed, then freed before the weight gradient exists
+                # One pass: batch_norm's eval kernel with the saved statistics (variance s^2, eps 0).
+                rows = F.batch_norm(_per_output_rows(weight).unsqueeze(0), mean, s.square(), None, None, False, 0., 0.)
+                w_hat = _as_weight(rows.squeeze(0), weight).to(x.dtype)
+                del rows
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad_out, x, w_hat, None, *conv_args, [True, False, False])[0]
+                del w_hat
+            if needs_w or needs_b:
+                _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                    grad_out, x, weight.to(x.dtype), ctx.bias_shape, *conv_args, [False, needs_w, needs_b])
+            if grad_w is not None:
+                grad_w = _standardization_backward_(grad_w.to(weight.dtype), weight, mean, s, r, ctx.unbiased)
+        if grad_b is not None:
+            grad_b = grad_b.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _standardization_backward_(grad: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, s: torch.Tensor,
+                               r: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """The raw weight's gradient from ``grad`` (the standardized weight's), written into ``grad``.
+
+    With ``w_hat = (w - mean) / s``, ``V`` the (biased or unbiased, divisor ``d``) variance,
+    ``r = sqrt(V + eps)`` or ``sqrt(V)`` and ``s = r`` or ``r + eps`` (eps inside or outside the
+    root): ``dw = (g - mean(g)) / s - (w - mean) * sum(g * (w - mean)) / (s^2 d r)``, per output channel.
+    """
+    if grad.stride() != weight.stride():  # the row views below must pair the same elements
+        grad = grad.contiguous(memory_format=torch.channels_last if _is_channels_last(weight)
+                               else torch.contiguous_format)
+    rows_g, rows_w = _per_output_rows(grad), _per_output_rows(weight)
+    out_channels, fan_in = rows_w.shape
+    if rows_g.is_contiguous() and rows_w.is_contiguous():
+        # Both sums in one fused pass: the weight and bias gradients of a batch norm on (1, O, fan_in).
+        ones = mean.new_ones(out_channels)
+        centred_dot, g_sum = torch.ops.aten.native_batch_norm_backward(
+            rows_g.unsqueeze(0), rows_w.unsqueeze(0), ones, None, None, mean, ones, True, 0., [False, True, True])[1:]
+    else:
+        g_sum, centred_dot = rows_g.sum(1), (rows_g * (rows_w - mean[:, None])).sum(1)
+    k = centred_dot / (s.square() * (fan_in - int(unbiased)) * r)
+    const = mean * k - g_sum / (fan_in * s)
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    grad.mul_(s.reciprocal().view(shape))
+    grad.addcmul_(weight, (-k).view(shape))
+    return grad.add_(const.view(shape))
+
+
+def _is_channels_last(weight: torch.Tensor) -> bool:
+    return weight.ndim == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _lean_conv_applies(conv: nn.Conv2d, x) -> bool:
+    """Whether :class:`_LeanWSConv` can stand in for autograd's graph (eager training with plain tensors)."""
+    w = conv.weight
+    return (memory_lean_enabled() and torch.is_grad_enabled() and type(w) is nn.Parameter and w.requires_grad
+            and type(x) is torch.Tensor and not isinstance(conv.padding, str)
+            and not torch._C._are_functorch_transforms_active()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
@@ -187,6 +311,13 @@ class WSConv2d(nn.Conv2d):
             out = self._conv_forward(x, weight, bias)
             mark_folded(norm, out, channel_affine)
             return out
+        if _lean_conv_applies(self, x):  # training: keep the raw weight, not the standardized copy
+            if self.padding_mode != 'zeros':
+                x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+            else:
+                padding = self.padding
+            return _LeanWSConv.apply(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                                     self.ws_formula)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
     def train(self, mode: bool = True) -> 'WSConv2d':
