@@ -18,6 +18,11 @@ Names: ``{fasterrcnn,maskrcnn}_{arch}_fpn[_{variant}]``, e.g. ``maskrcnn_resnet5
 A BCN or BGN layer in the box and mask heads sees the (num_rois, 256, 7x7 or 14x14) RoI features:
 its batch statistics (BCN's estimated stage, BGN's groups) are taken over the RoIs of the batch.
 
+Activation checkpointing (less memory, one more forward of the checkpointed parts in backward):
+``checkpoint_heads=True`` for the box and mask heads, ``backbone_kwargs=dict(checkpoint_stages=True)``
+for the backbone's stages (layer1..4, every variant). Gradients, running statistics and BCN
+estimates are those of a run without it (:mod:`zoo.layers.activation_checkpoint`).
+
 ``num_classes`` counts the background, torchvision's convention: 91 (the default) for COCO's
 category ids 1-90 used as labels directly, 81 for the 80 COCO categories mapped to 1-80.
 """
@@ -34,6 +39,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from zoo.hub import WeightsError
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws, set_bcn_batch_stage
+from zoo.layers.activation_checkpoint import set_activation_checkpointing
 from zoo.models import NORM_VARIANTS
 from zoo.models._variants import make_norm_layer
 from zoo.models.resnet import _TIMM_OWNED
@@ -104,14 +110,20 @@ def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formul
     elif ws_formula is not None or norm_kwargs or norm_groups != 32:
         raise ValueError(f'{name}: its backbone {backbone} is timm\'s own model, built as timm defines it; '
                          f'norm_groups / ws_formula / norm_kwargs apply to zoo backbones only')
-    kwargs.update(backbone_kwargs or {})
+    backbone_kwargs = dict(backbone_kwargs or {})
+    checkpoint_stages = backbone_kwargs.pop('checkpoint_stages', False)  # done here: timm's own ResNets take it too
+    kwargs.update(backbone_kwargs)
     try:
-        return timm.create_model(**kwargs)
+        body = timm.create_model(**kwargs)
     except (OSError, ValueError, RuntimeError) as e:  # WeightsError, a failed Hub / URL download, ...
         if pretrained_backbone is not True:
             raise
         raise WeightsError(f'{name}: could not load the ImageNet weights of its backbone {kwargs["model_name"]}: '
                            f'{type(e).__name__}: {e} Offline, pass pretrained_backbone=PATH to a local copy.') from e
+    if checkpoint_stages:
+        for stage in STAGE_NAMES[1:]:
+            set_activation_checkpointing(getattr(body, stage[0]))
+    return body
 
 
 def _build_detector(
@@ -127,6 +139,7 @@ def _build_detector(
         bcn_batch_stage: str = 'estimated',
         backbone_kwargs: Optional[Dict[str, Any]] = None,
         frozen_bn: Optional[bool] = None,
+        checkpoint_heads: bool = False,
         **kwargs,
 ) -> nn.Module:
     name = detector_name(task, arch, variant)
@@ -155,7 +168,12 @@ def _build_detector(
     if trainable_backbone_layers is None:
         trainable_backbone_layers = 3 if pretrained_backbone else len(STAGE_NAMES)
     freeze_stages(backbone.body, trainable_backbone_layers)  # after every module swap above
-    return DETECTOR_TASKS[task](backbone, num_classes=num_classes, **kwargs)
+    model = DETECTOR_TASKS[task](backbone, num_classes=num_classes, **kwargs)
+    if checkpoint_heads:
+        for head in (model.roi_heads.box_head, getattr(model.roi_heads, 'mask_head', None)):
+            if isinstance(head, nn.Sequential):  # the conv heads; not the BN baseline's two-fc box head
+                set_activation_checkpointing(head)
+    return model
 
 
 def _ws(head: nn.Module, ws_formula: Optional[str]) -> nn.Module:
@@ -185,8 +203,15 @@ def create_detector(name: str, num_classes: int = 91, pretrained_backbone: Union
         bcn_batch_stage: BCN's batch stage everywhere, ``'estimated'`` (default: micro-batches; a
             pretrained large-batch BCN backbone is switched, its estimates starting from the
             ImageNet running statistics) or ``'batch'`` (large batches per device).
-        backbone_kwargs: extra kwargs of ``timm.create_model`` for the backbone.
+        backbone_kwargs: extra kwargs of ``timm.create_model`` for the backbone; ``checkpoint_stages=True``
+            checkpoints its four stages in training (any variant: the BN baseline's timm ResNet too).
         frozen_bn: BN baseline only: freeze its BN (default: with a pretrained backbone, as torchvision).
+        checkpoint_heads: activation checkpointing of the box head (4 convs + fc) and the mask head
+            (4 convs) in training, each one checkpointed segment: their activations are recomputed
+            in backward instead of kept. Any variant accepts it; the BN baseline's box head
+            (torchvision's two-fc ``TwoMLPHead``, two 1024-d vectors per region) is left as it is, its
+            mask head is checkpointed. Gradients and norm statistics are unchanged. For the backbone
+            stages, pass ``backbone_kwargs=dict(checkpoint_stages=True)``.
         **kwargs: passed to torchvision's ``FasterRCNN`` / ``MaskRCNN``: ``min_size``, ``max_size``,
             ``image_mean``, ``image_std``, ``rpn_anchor_generator``, ``box_detections_per_img``, ...
     """

@@ -2,6 +2,8 @@
 
 GN and BN baselines are torch's / timm's own layers.
 """
+from .activation_checkpoint import (
+    CheckpointedSequential, activation_checkpointing, checkpoint_module, recomputing, set_activation_checkpointing)
 from .batch_channel_norm import BCN_BATCH_STAGES, BatchChannelNorm2d, running_stats_affine, set_bcn_batch_stage
 from .batch_group_norm import BatchGroupNorm2d
 from .estimated_batch_norm import EstimatedBatchNorm2d

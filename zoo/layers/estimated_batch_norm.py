@@ -24,6 +24,9 @@ FX and TorchScript: under any FX tracer the layer is one ``call_module`` node (:
 so traced graphs update the estimates as eager does. Scripted, training updates the estimates
 from the exact (Welford) moments of this process's batch: no all-reduce, no warning of a skip.
 
+Activation checkpointing (:mod:`zoo.layers.activation_checkpoint`): a checkpointed segment is run
+again in backward, on the estimates its forward left; that run updates nothing and all-reduces nothing.
+
 Under ``torch.distributed`` the per-channel sums are all-reduced inside the layer (one
 all-reduce per update), so every process sees the statistics of the global batch and the
 estimates stay identical on every rank; DDP's buffer broadcast then changes nothing. This class
@@ -38,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .activation_checkpoint import recomputing
 from .fx_leaf import fx_leaf_call
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
@@ -152,6 +156,8 @@ class EstimatedBatchNorm2d(nn.Module):
     @torch.no_grad()
     def update_estimates(self, x: torch.Tensor) -> None:
         """Fold the statistics of batch ``x`` (all processes together) into the estimates."""
+        if recomputing():  # a checkpointed segment's second run: its forward updated them already
+            return
         # One read of x: per-(sample, channel) moments, combined across samples below.
         mean, var = sample_channel_moments(x)
         self.update_from_moments(mean, var, x.shape[2] * x.shape[3])
@@ -163,8 +169,11 @@ class EstimatedBatchNorm2d(nn.Module):
         ``mean`` and ``var`` (biased) have shape ``(..., C)``: each row holds the moments of
         ``count`` elements per channel (e.g. one row per sample, ``count = H * W``), so a fused
         layer that already has per-sample moments (BCN) updates the estimates without another
-        pass over the activations.
+        pass over the activations. Nothing happens (no update, no all-reduce) while a checkpointed
+        segment is recomputed in backward.
         """
+        if recomputing():
+            return
         stats = _moment_sums(mean, var, count, self.running_mean)
         if _distributed_world(self.process_group):
             dist.all_reduce(stats, group=self.process_group)

@@ -8,6 +8,11 @@ The plain names (``resnet20``) are the BN baselines. GN, BCN and BGN use ``norm_
 by default here (2/4/8 channels per group in the three stages), since 32 groups cannot split
 16 channels. For BGN with micro-batches that is not a recommendation (see
 :class:`~zoo.layers.BatchGroupNorm2d`); ``norm_groups=1`` or ``2`` builds the other settings.
+
+Activation checkpointing: ``checkpoint_stages=True`` (a model kwarg, e.g. in a config's
+``model_kwargs``) or timm's ``set_grad_checkpointing()`` checkpoint each stage in training, with the
+running statistics and BCN estimates updated once per step and the random draws replayed
+(:mod:`zoo.layers.activation_checkpoint`): the same gradients, statistics and RNG state as without.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -18,11 +23,11 @@ import torch.nn as nn
 from timm.layers import create_classifier
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
 
 from zoo.hub.registry import HUB_ORG, pretrained_cfgs  # noqa: F401 (HUB_ORG: still importable from here)
 from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, folds_in_eval
+from zoo.layers.activation_checkpoint import set_activation_checkpointing
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from .resnet import check_image_batch, fx_symbolic_tracing, weight_dtype
 from ._weights import build_zoo_model
@@ -55,6 +60,7 @@ class CifarResNet(FoldsConvNormsInEval, ResNet):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = True,
+            checkpoint_stages: bool = False,
             device=None,
             dtype=None,
     ):
@@ -85,6 +91,15 @@ class CifarResNet(FoldsConvNormsInEval, ResNet):
         self.init_weights(zero_init_last=zero_init_last)
         if norm_variant.ws:
             convert_to_ws(self, ws_formula)
+        if checkpoint_stages:
+            self.set_grad_checkpointing(True)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each stage in training, running statistics safe (the zoo's checkpointing, not timm's)."""
+        self.grad_checkpointing = enable
+        for stage in self._stages():
+            set_activation_checkpointing(stage, enable)
 
     def _stages(self) -> List[nn.Module]:
         return [getattr(self, n) for n in self.stage_names]
@@ -108,9 +123,7 @@ class CifarResNet(FoldsConvNormsInEval, ResNet):
             if len(self.stage_names) != 3:
                 raise RuntimeError('a scripted CifarResNet runs three stages (layer1..layer3)')
             return self.layer3(self.layer2(self.layer1(x)))
-        if self.grad_checkpointing:
-            return checkpoint_seq(self._stages(), x, flatten=True)
-        for stage in self._stages():
+        for stage in self._stages():  # checkpointed stages (set_grad_checkpointing) checkpoint themselves
             x = stage(x)
         return x
 

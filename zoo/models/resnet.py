@@ -10,6 +10,16 @@ Extra model kwargs, on top of timm's ResNet ones (``num_classes``, ``in_chans``,
     ws_formula: WS formula name (see :mod:`zoo.layers.weight_standardization`).
     norm_groups: groups of GN / BCN's channel stage / BGN (default 32).
     norm_kwargs: extra kwargs for the norm layer, e.g. ``dict(batch_stage='batch')`` for BCN.
+    checkpoint_stages: activation checkpointing of the four stages in training (default False), as
+        ``set_grad_checkpointing()``; see :mod:`zoo.layers.activation_checkpoint`.
+
+Activation checkpointing (``checkpoint_stages=True`` or timm's ``set_grad_checkpointing()``) is per
+stage (``layer1..4``) and keeps norms with running statistics exact: gradients, running statistics
+(BN, BGN) and BCN's estimates are those of a run without it, each updated once per step. The stages
+checkpoint themselves, so timm's ``features_only`` models built from a model with
+``checkpoint_stages=True`` (the detectors' and segmenters' backbones) checkpoint too; do not turn on
+the ``features_only`` wrapper's own ``set_grad_checkpointing``: timm's plain checkpointing would update
+the running statistics twice.
 
 Pretrained ``.in1k`` tags load the authors' ImageNet releases (GN+WS ResNet-50/101, ResNeXt-50/101;
 BCN+WS ResNet-50/101, ResNeXt-50) and convert them on load. Such a tag also builds the model the
@@ -20,7 +30,7 @@ name with ``pretrained=False`` builds the zoo defaults (see :mod:`zoo.models._we
 ``resnet50_gn`` is timm's own registration (same architecture), which the zoo does not shadow.
 """
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -28,15 +38,19 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs
+from timm.models._features import feature_take_indices
 from timm.models._registry import is_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from zoo.hub.registry import entries, pretrained_cfgs
 from zoo.layers import DEFAULT_WS_FORMULA, FoldsConvNormsInEval, convert_to_ws, folds_in_eval
+from zoo.layers.activation_checkpoint import set_activation_checkpointing
 from ._variants import BN_VARIANT, NORM_VARIANTS, NormVariant, make_norm_layer, register_zoo_entrypoint
 from ._weights import build_zoo_model
 
 __all__ = ['ZooResNet', 'IMAGENET_ARCHS', 'check_image_batch', 'check_batch_values', 'shape_text', 'weight_dtype']
+
+STAGES = ('layer1', 'layer2', 'layer3', 'layer4')
 
 # True inside torch.fx.symbolic_trace only (is_fx_tracing, the fallback on old torch, also warns under torch.export)
 fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
@@ -118,12 +132,22 @@ class ZooResNet(FoldsConvNormsInEval, ResNet):
             ws_formula: str = DEFAULT_WS_FORMULA,
             norm_groups: int = 32,
             norm_kwargs: Optional[Dict[str, Any]] = None,
+            checkpoint_stages: bool = False,
             **kwargs,
     ):
         super().__init__(*args, norm_layer=make_norm_layer(norm_variant.norm, norm_groups, norm_kwargs), **kwargs)
         self.norm_variant = norm_variant
         if norm_variant.ws:
             convert_to_ws(self, ws_formula)
+        if checkpoint_stages:
+            self.set_grad_checkpointing(True)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each stage in training, running statistics safe (the zoo's checkpointing, not timm's)."""
+        self.grad_checkpointing = enable
+        for name in STAGES:
+            set_activation_checkpointing(getattr(self, name), enable)
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` after :func:`check_image_batch`; errors name the model's class (scripted: ``ZooResNet``).
@@ -139,15 +163,37 @@ class ZooResNet(FoldsConvNormsInEval, ResNet):
 
     @folds_in_eval
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._checked(x)
-        if torch.jit.is_scripting():  # TorchScript has no super(): timm's ResNet.forward_features, spelled out
-            x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return super().forward_features(x)
+        # timm's ResNet.forward_features, spelled out (TorchScript has no super()), without its
+        # checkpoint_seq: checkpointed stages checkpoint themselves.
+        x = self.maxpool(self.act1(self.bn1(self.conv1(self._checked(x)))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     @folds_in_eval
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        return super().forward_intermediates(self._checked(x), *args, **kwargs)
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``ResNet.forward_intermediates`` without its ``checkpoint_seq`` (stages checkpoint themselves)."""
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(STAGES) + 1, indices)
+        x = self.act1(self.bn1(self.conv1(self._checked(x))))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        names = STAGES[:max_index] if stop_early else STAGES
+        for idx, name in enumerate(names, start=1):
+            x = getattr(self, name)(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

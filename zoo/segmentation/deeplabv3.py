@@ -12,6 +12,12 @@ a large-batch ``'batch'`` stage) sees one value per channel per image and cannot
 image per device; it raises a clear error instead of torch's. GN, BGN and BCN with its estimated
 stage (the zoo default for micro-batches) train at one image per device.
 
+Activation checkpointing (less memory, one more forward of the checkpointed part in backward):
+``checkpoint_head=True`` for the classifier head (ASPP and the convs after it) and the auxiliary
+head, ``backbone_kwargs=dict(checkpoint_stages=True)`` for the backbone's stages (a ResNet's
+layer1..4, every variant). Gradients, running statistics and BCN estimates are those of a run
+without it (:mod:`zoo.layers.activation_checkpoint`).
+
 Pretrained backbones: the authors' ``.in1k`` ImageNet weights where they exist (GN+WS and BCN+WS
 ResNet-50 / 101), torchvision's ``.tv_in1k`` for the BN baseline. A BCN+WS backbone, trained with a
 large-batch BCN stage, is switched to the estimated stage (``bcn_batch_stage``) for micro-batch
@@ -29,6 +35,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from ..convert import convert_model
 from ..factory import create_model
 from ..layers import FoldsConvNormsInEval, folds_in_eval, set_bcn_batch_stage
+from ..layers.activation_checkpoint import set_activation_checkpointing
 from ..models._variants import NORM_VARIANTS
 from ..models.resnet import AUTHORS_IN1K
 from ..task_registry import TaskRegistry
@@ -108,6 +115,15 @@ def _convert_head(head: nn.Module, variant: str, norm_kwargs: Optional[Dict[str,
     return convert_model(head, variant, **kwargs)
 
 
+def _checkpoint_stages(body: nn.Module, backbone: str) -> None:
+    stages = [m for n, m in body.named_children() if n.startswith('layer') and isinstance(m, nn.Sequential)]
+    if not stages:
+        raise ValueError(f'checkpoint_stages: the backbone {backbone} has no ResNet stages (layer1, layer2, ...) '
+                         f'to checkpoint; its features_only model has {[n for n, _ in body.named_children()]}')
+    for stage in stages:
+        set_activation_checkpointing(stage)
+
+
 def build_deeplabv3(
         backbone: str,
         num_classes: int = 21,
@@ -119,6 +135,7 @@ def build_deeplabv3(
         bcn_batch_stage: Optional[str] = 'estimated',
         head_norm_kwargs: Optional[Dict[str, Any]] = None,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
+        checkpoint_head: bool = False,
 ) -> ZooDeepLabV3:
     """DeepLabV3 on ``backbone`` (any zoo / timm CNN name that supports ``features_only`` and ``output_stride``).
 
@@ -132,13 +149,21 @@ def build_deeplabv3(
         out_indices: timm feature indices of the (aux, main) features.
         bcn_batch_stage: batch stage of the backbone's BCN layers after loading (None: leave it).
         head_norm_kwargs: extra kwargs of the head norms (e.g. ``dict(momentum=0.05)`` for BCN).
-        backbone_kwargs: extra ``create_model`` kwargs of the backbone.
+        backbone_kwargs: extra ``create_model`` kwargs of the backbone; ``checkpoint_stages=True``
+            checkpoints its stages in training (a ResNet's ``layer1..4``: zoo and timm ResNets alike).
+        checkpoint_head: activation checkpointing of the head (ASPP, 3x3 conv, classifier; and the
+            auxiliary head) in training: its activations, large at output stride 8, are recomputed in
+            backward instead of kept. Gradients and norm statistics are unchanged.
     """
     if output_stride not in ATROUS_RATES:
         raise ValueError(f'output_stride must be 8 or 16, got {output_stride}')
     variant = backbone_variant(backbone)
+    backbone_kwargs = dict(backbone_kwargs or {})
+    checkpoint_stages = backbone_kwargs.pop('checkpoint_stages', False)  # done here: timm's own ResNets take it too
     body = create_model(backbone, pretrained=pretrained_backbone, features_only=True, out_indices=tuple(out_indices),
-                        output_stride=output_stride, **(backbone_kwargs or {}))
+                        output_stride=output_stride, **backbone_kwargs)
+    if checkpoint_stages:
+        _checkpoint_stages(body, backbone)
     if bcn_batch_stage is not None:
         set_bcn_batch_stage(body, bcn_batch_stage)
     channels = body.feature_info.channels()
@@ -146,6 +171,10 @@ def build_deeplabv3(
     ws_formula = (backbone_kwargs or {}).get('ws_formula') or getattr(body, '_model_args', {}).get('ws_formula')
     head = _convert_head(DeepLabHead(channels[-1], num_classes, rates), variant, head_norm_kwargs, ws_formula)
     aux = _convert_head(FCNHead(channels[-2], num_classes), variant, head_norm_kwargs, ws_formula) if aux_loss else None
+    if checkpoint_head:
+        for h in (head, aux):
+            if h is not None:
+                set_activation_checkpointing(h)
     return ZooDeepLabV3(FeatureDict(body, aux_loss), head, aux, num_classes, variant, output_stride)
 
 
