@@ -17,8 +17,8 @@ train images with their boxes and masks; the detector's own transform resizes th
 
 Timing is round-robin over models (median per repetition, then median over repetitions; the range
 of per-repetition ratios says how noisy the machine was), as in ``bench_norms.py``, whose memory
-method is reused: peak live tensor bytes of one step, each model in a fresh process (CPU: the
-allocator's events seen by ``torch.profiler``; CUDA: ``max_memory_allocated``).
+method is reused (``zoo.memory``): peak live tensor bytes of one step, each model in a fresh process
+(CPU: the allocator's events seen by ``torch.profiler``; CUDA: ``max_memory_allocated``).
 
 Usage (from the repository root)::
 
@@ -29,16 +29,16 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from bench_norms import live_tensor_bytes, median_seconds, profiled_peak_bytes
+from zoo.memory import (TV_DETECTOR, Setup, TrainStep, build_model, detection_data_available, in_fresh_process,
+                        make_batch, task_loss)
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = 'tv_frozen_bn'
+BASELINE = TV_DETECTOR  # built by zoo.memory as torchvision builds maskrcnn_resnet50_fpn (random weights)
 MODELS = (BASELINE, 'maskrcnn_resnet50_fpn_wsgn', 'maskrcnn_resnet50_fpn_wsbcn')
 COCO_MINI = REPO.parent / 'shared' / 'data' / 'coco-mini'
 
@@ -54,7 +54,6 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--data', default=str(COCO_MINI))
     p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/bench_detection_<device>.json)')
-    p.add_argument('--memory-worker', nargs=2, metavar=('MODEL', 'IMAGES'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device.startswith('cuda')
     args.min_size = args.min_size or (800 if cuda else 320)
@@ -65,97 +64,40 @@ def parse_args(argv=None):
     return args
 
 
-def build(name: str, args) -> torch.nn.Module:
-    size = dict(min_size=args.min_size, max_size=args.max_size)
-    if name == BASELINE:
-        from torchvision.models import resnet50
-        from torchvision.models.detection import MaskRCNN
-        from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-        from torchvision.ops import FrozenBatchNorm2d
-        backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), trainable_layers=3)
-        return MaskRCNN(backbone, num_classes=91, **size)
-    import zoo
-    return zoo.create_detector(name, num_classes=91, trainable_backbone_layers=3, **size)
+def setup(name: str, args) -> Setup:
+    """The detector ``name`` (stem and layer1 frozen), real coco-mini batches, as ``zoo.memory`` builds them."""
+    return Setup(task='detect', model=name, min_size=args.min_size, max_size=args.max_size, device=args.device,
+                 num_classes=91, trainable_backbone_layers=3, data=args.data)
 
 
-def real_batch(args, images: int, device):
-    """The first ``images`` coco-mini train images with at least one object, at their original size."""
-    from lightning_modules.detection.data import CocoDetectionDataset
-    root = Path(args.data)
-    ds = CocoDetectionDataset(root / 'train2017', root / 'annotations' / 'instances_train2017.json')
-    xs, ts = [], []
-    for i in range(len(ds)):
-        x, t = ds[i]
-        if len(t['boxes']):
-            xs.append(x.to(device))
-            ts.append({'boxes': t['boxes'].to(device), 'labels': t['labels'].to(device),
-                       'masks': t['masks'].to(device)})
-        if len(xs) == images:
-            return xs, ts
-    raise ValueError(f'{root}: fewer than {images} train images with objects')
-
-
-class Step:
-    """One detector, its SGD optimizer and a fixed real batch."""
-
-    def __init__(self, name, images, args):
-        self.name, self.images, self.device = name, images, torch.device(args.device)
-        torch.manual_seed(0)
-        self.model = build(name, args).to(self.device).train()
-        self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-        self.x, self.targets = real_batch(args, images, self.device)
-
-    def sync(self):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self):
-        torch.manual_seed(0)  # the same RoI sampling draws for every model
-        self.opt.zero_grad(set_to_none=True)
-        loss = sum(self.model(self.x, self.targets).values())
-        loss.backward()
-        self.opt.step()
-
-    def timed(self, iters):
-        return median_seconds(self, iters, self.sync)
+def make_step(name, images, args) -> TrainStep:
+    """One detector, its SGD optimizer and a fixed real batch (the first ``images`` coco-mini train
+    images with objects, original size); each step reseeds the RNG (the same RoI sampling draws)."""
+    s = setup(name, args)
+    torch.manual_seed(0)
+    step = TrainStep(build_model(s), make_batch(s, images), partial(task_loss, 'detect'), device=args.device)
+    step.name, step.images = name, images
+    return step
 
 
 def measure_memory(name, images, args) -> int:
-    step = Step(name, images, args)
-    step()  # optimizer state exists, lazy init done
-    step.opt.zero_grad(set_to_none=True)
-    step.sync()
-    if step.device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(step.device)
-        step()
-        step.sync()
-        return torch.cuda.max_memory_allocated(step.device)
-    from torch.profiler import ProfilerActivity, profile
-    batch = [*step.x, *(v for t in step.targets for v in t.values())]
-    live = live_tensor_bytes(step.model, step.opt, batch)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    return live + profiled_peak_bytes(prof)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return make_step(name, images, args).peak_bytes(warmup=1)['peak_bytes']
 
 
 def memory_in_fresh_processes(args):
     out = {}
     for images in args.images:
         for name in MODELS:
-            cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-worker', name, str(images),
-                   '--device', args.device, '--min-size', str(args.min_size), '--max-size', str(args.max_size),
-                   '--data', args.data] + (['--threads', str(args.threads)] if args.threads else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                raise RuntimeError(f'memory worker {name} x{images} failed:\n{proc.stderr[-3000:]}')
-            out[f'{name}@{images}'] = int(proc.stdout.strip().splitlines()[-1])
+            out[f'{name}@{images}'] = in_fresh_process(measure_memory, name, images, args)
             print(f'  peak memory {name} at {images} image(s): {out[f"{name}@{images}"] / 2 ** 20:.0f} MiB', flush=True)
     return out
 
 
 def time_round_robin(args):
     from tqdm import tqdm
-    steps = [Step(n, i, args) for i in args.images for n in MODELS]
+    steps = [make_step(n, i, args) for i in args.images for n in MODELS]
     for s in steps:  # warm-up
         s()
     times = {f'{s.name}@{s.images}': [] for s in steps}
@@ -186,10 +128,8 @@ def table(args, times, memory) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.memory_worker:
-        name, images = args.memory_worker
-        print(measure_memory(name, int(images), args))
-        return
+    if not detection_data_available(args.data):
+        print(f'{args.data}: no coco-mini (or no lightning_modules): random images with boxes and masks', flush=True)
     print(f'peak memory, each model in a fresh process ({args.device})', flush=True)
     memory = memory_in_fresh_processes(args)
     times = time_round_robin(args)

@@ -27,10 +27,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,6 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 import timm  # noqa: E402
 import zoo  # noqa: E402,F401  (registers the zoo models in timm)
+# The measuring code, shared with bench_detection.py and bench_memory.py (also importable from here).
+from zoo.memory import (current_rss_bytes, in_fresh_process, live_tensor_bytes, max_rss_bytes,  # noqa: E402,F401
+                        median_seconds, profiled_peak_bytes, step_peak_bytes)
 
 BASELINE = 'resnet50'
 EXPORT_SUFFIX = ':export'  # inference only: the model after zoo.export_for_inference
@@ -73,7 +74,6 @@ def parse_args(argv=None):
     p.add_argument('--infer-only', action='store_true', help='time inference only (no training steps, no memory)')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch default)')
     p.add_argument('--out', type=Path, help='JSON path (default benchmarks/results/bench_norms_<device>.json)')
-    p.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: measure one model's memory
     p.add_argument('--render', type=Path, help='only rewrite the markdown table of this JSON report (no measuring)')
     args = p.parse_args(argv)
     for k, v in DEVICE_DEFAULTS['cuda' if args.device.startswith('cuda') else 'cpu'].items():
@@ -141,74 +141,16 @@ class Bench:
         return self.timed(self.infer, iters)
 
 
-def median_seconds(fn, iters, sync):
-    """Median wall seconds of ``iters`` calls of ``fn``, ``sync()`` (wait for the device) around each."""
-    times = []
-    for _ in range(iters):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def live_tensor_bytes(model, opt, batch):
-    """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state and the batch."""
-    tensors = [*model.parameters(), *model.buffers(), *batch]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def profiled_peak_bytes(prof):
-    """Peak of the running sum of the allocator's allocation (+) and free (-) events in ``prof``."""
-    from torch._C._profiler import _EventType
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    current = peak = 0
-    for _, size in sorted(events):
-        current += size
-        peak = max(peak, current)
-    return peak
-
-
-def max_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def current_rss_bytes():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
 def measure_memory(name, args):
     """Peak training-step memory of one model (run in a fresh process): a dict of byte counts."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rss_before = current_rss_bytes() if args.device == 'cpu' else None
     bench = Bench(name, args)
     bench.model.train()
-    for _ in range(2):  # warm-up: optimizer state exists, lazy init done
-        bench.train_step()
-    bench.opt.zero_grad(set_to_none=True)
-    bench.sync()
-    out = {}
-    if bench.device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(bench.device)
-        bench.train_step()
-        bench.sync()
-        out['peak_bytes'] = torch.cuda.max_memory_allocated(bench.device)
-    else:
-        from torch.profiler import ProfilerActivity, profile
-        live = live_tensor_bytes(bench.model, bench.opt, (bench.x, bench.y))
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            bench.train_step()
-        out['peak_bytes'] = live + profiled_peak_bytes(prof)
-        out['live_at_step_start_bytes'] = live
+    out = step_peak_bytes(bench.train_step, bench.model, bench.opt, (bench.x, bench.y), bench.device, warmup=2)
+    out.pop('loss', None)
+    if rss_before is not None:
         out['rss_peak_delta_bytes'] = max_rss_bytes() - rss_before
     return out
 
@@ -216,18 +158,11 @@ def measure_memory(name, args):
 def run_memory_workers(args):
     """Each model's memory in its own process, so no allocator state carries over between models."""
     results = {}
-    flags = ['--device', args.device, '--batch-size', str(args.batch_size), '--img-size', *map(str, args.img_size),
-             '--amp', args.amp] + (['--channels-last'] if args.channels_last else [])
-    flags += ['--threads', str(args.threads)] if args.threads else []
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed tensors leave RSS at once
+    env = dict(MALLOC_MMAP_THRESHOLD_='65536')  # freed tensors leave RSS at once
     for name in args.models:
         if name.endswith(EXPORT_SUFFIX):
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-worker', name, *flags]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise RuntimeError(f'memory worker for {name} failed:\n{proc.stderr[-3000:]}')
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name] = in_fresh_process(measure_memory, name, args, env=env)
         print(f'  peak memory {name}: {results[name]["peak_bytes"] / 2 ** 20:.0f} MiB', flush=True)
     return results
 
@@ -331,9 +266,6 @@ def main(argv=None):
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        print(json.dumps(measure_memory(args.memory_worker, args)))
-        return
     torch.manual_seed(0)
     env_before = environment(args)
     start = time.time()
@@ -346,7 +278,7 @@ def main(argv=None):
     print('\n' + table)
     out = args.out or REPO_ROOT / 'benchmarks' / 'results' / f'bench_norms_{args.device.split(":")[0]}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ('out', 'memory_worker')}
+    settings = {k: v for k, v in vars(args).items() if k not in ('out',)}
     report = {'settings': settings, 'environment': env_before, 'load_average_after': os.getloadavg(),
               'wall_seconds': time.time() - start, 'results': rows, 'table': table}
     out.write_text(json.dumps(report, indent=1, default=str))

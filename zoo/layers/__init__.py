@@ -8,6 +8,7 @@ from .batch_channel_norm import BCN_BATCH_STAGES, BatchChannelNorm2d, running_st
 from .batch_group_norm import BatchGroupNorm2d
 from .estimated_batch_norm import EstimatedBatchNorm2d
 from .eval_folding import FoldsConvNormsInEval, conv_norm_pairs, fold_conv_norms, folds_in_eval
+from .frozen_affine import freeze_norms
 from .fx_leaf import fx_leaf_call
 from .memory_lean import memory_lean, memory_lean_enabled, set_memory_lean
 from .nonfinite_stats import NonFiniteStatisticsWarning, name_stat_layers, skipped_updates
