@@ -263,8 +263,10 @@ def test_detector_checkpointed_heads_and_stages_match_unchecked_run(name):
     plain = step(build(False))
     model = build(True)
     heads = model.roi_heads.box_head, model.roi_heads.mask_head
-    assert all(activation_checkpointing(h) for h in heads)
-    calls = [_Calls(m) for m in (heads[0][0], heads[1][0], model.backbone.body.layer2[0])]
+    blocks = [b for h in heads for b in h if isinstance(b, torch.nn.Sequential)]
+    assert len(blocks) == 8 and all(activation_checkpointing(b) for b in blocks)  # one segment per conv block
+    assert not any(activation_checkpointing(h) for h in heads)
+    calls = [_Calls(m) for m in (heads[0][0][0], heads[1][3][0], model.backbone.body.layer2[0])]  # convs in blocks
     ckpt = step(model)
     assert [c.n for c in calls] == [2, 2, 2]
     _assert_same_step(plain, ckpt)
@@ -273,8 +275,8 @@ def test_detector_checkpointed_heads_and_stages_match_unchecked_run(name):
 def test_detector_baseline_accepts_checkpoint_heads_and_stages():
     model = zoo.create_detector('maskrcnn_resnet18_fpn', num_classes=3, checkpoint_heads=True,
                                 backbone_kwargs=dict(checkpoint_stages=True))  # timm's own ResNet-18 backbone
-    assert activation_checkpointing(model.roi_heads.mask_head)  # 4 convs
-    assert not activation_checkpointing(model.roi_heads.box_head)  # torchvision's two-fc head
+    assert all(activation_checkpointing(block) for block in model.roi_heads.mask_head)  # 4 conv blocks
+    assert not any(activation_checkpointing(m) for m in model.roi_heads.box_head.modules())  # torchvision's two-fc head
     assert all(activation_checkpointing(getattr(model.backbone.body, f'layer{i}')) for i in range(1, 5))
     assert list(model.state_dict()) == list(zoo.create_detector('maskrcnn_resnet18_fpn', num_classes=3).state_dict())
 

@@ -171,9 +171,21 @@ def _build_detector(
     model = DETECTOR_TASKS[task](backbone, num_classes=num_classes, **kwargs)
     if checkpoint_heads:
         for head in (model.roi_heads.box_head, getattr(model.roi_heads, 'mask_head', None)):
-            if isinstance(head, nn.Sequential):  # the conv heads; not the BN baseline's two-fc box head
-                set_activation_checkpointing(head)
+            _checkpoint_conv_blocks(head)
     return model
+
+
+def _checkpoint_conv_blocks(head: Optional[nn.Module]) -> None:
+    """Checkpoint each conv -> norm -> ReLU block of a conv head on its own (not the BN baseline's two-fc head).
+
+    One segment per block, not per head: a head checkpointed whole is recomputed whole in backward,
+    while the rest of the graph is still alive, so the peak keeps every activation of the head; per
+    block, the recomputation holds one block's activations beside the blocks' inputs.
+    """
+    if isinstance(head, nn.Sequential):
+        for block in head:
+            if isinstance(block, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in block.children()):
+                set_activation_checkpointing(block)
 
 
 def _ws(head: nn.Module, ws_formula: Optional[str]) -> nn.Module:
