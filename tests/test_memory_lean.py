@@ -168,3 +168,30 @@ def test_double_backward_needs_the_plain_path():
     with pytest.raises(RuntimeError, match='differentiate twice|once_differentiable'):
         grad, = torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
         grad.sum().backward()
+
+
+@pytest.mark.parametrize('model_name', ['resnet20_wsbcn', 'resnet20_bgn'])
+def test_gradient_penalty_runs_on_the_plain_path_and_is_refused_on_the_lean_one(model_name):
+    """Double backward: the plain path's second-order gradients are autograd's (checked against finite
+    differences of the first-order gradient, in eval so that no statistic moves with the input); in
+    training the lean path refuses instead of returning wrong ones."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=3).double().train()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    model(x)  # statistics off their init
+    model.eval()
+
+    def penalty(inp):
+        grad, = torch.autograd.grad(model(inp).square().sum(), inp, create_graph=True)
+        return grad.square().sum()
+
+    with memory_lean(False):
+        second, = torch.autograd.grad(penalty(x), x)
+        direction = torch.randn_like(x)
+        eps = 1e-6
+        up = penalty((x + eps * direction).detach().requires_grad_()).item()
+        down = penalty((x - eps * direction).detach().requires_grad_()).item()
+    assert (second * direction).sum().item() == pytest.approx((up - down) / (2 * eps), rel=1e-5)
+    model.train()
+    with pytest.raises(RuntimeError, match='one backward|differentiate twice|once_differentiable'):
+        penalty(x).backward()

@@ -17,8 +17,10 @@ training and eval, or a ``'batch'`` stage in eval), it is a per-channel affine `
 whole layer is one affine per (sample, channel), ``y = A * x + B``, whose coefficients come from
 the per-(sample, channel) mean and variance of ``x`` (law of total variance for the groups). One
 read of ``x`` gives those moments (and the estimates' update), one pass writes ``y``; backward
-(:class:`_FusedBCN`) needs two reductions and one pass, and saves only ``x``. The plain two-stage
-path is kept for a ``'batch'`` stage in training and when the batch stage has hooks.
+(:class:`_FusedBCN`) needs two reductions and one pass, and saves only ``x``. A ``'batch'`` stage in
+training is one :class:`MomentAffine` (memory-lean path). The plain two stages run when the batch
+stage has hooks, and with autograd on when the memory-lean path is off (the fused functions support
+one backward; the two stages support double backward).
 
 Eval folding: in a zoo model in eval with autograd off, the WS conv before this layer applies the
 batch-stage affine itself (:mod:`zoo.layers.eval_folding`) and this layer runs only its channel
@@ -141,7 +143,7 @@ class BatchChannelNorm2d(nn.Module):
             return self._channel_stage(x, channel_affine)
         if x.ndim == 4 and x.shape[0] == 0:
             return self._empty_forward(x)
-        if x.ndim != 4 or not self._fixed_stage():
+        if x.ndim != 4 or not self._fixed_stage() or (torch.is_grad_enabled() and not memory_lean_enabled()):
             if self._lean_batch_stage_applies(x):
                 return self._lean_batch_stage_forward(x)
             return self._two_stage_forward(x)
@@ -286,6 +288,9 @@ class _FusedBCN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError('BCN\'s fused training path supports one backward; for double backward (e.g. a '
+                               'gradient penalty) run the plain path: zoo.layers.memory_lean(False)')
         x, mean, var, a, b, gw, mu, rstd = ctx.saved_tensors
         g = ctx.num_groups
         n, c = mean.shape
