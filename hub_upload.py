@@ -1,6 +1,7 @@
 """Publish a zoo model to the Hugging Face Hub: ``python hub_upload.py SOURCE --repo-id ORG/NAME [--dry-run]``.
 
-A thin entry point; the code, its options and documentation are in :mod:`zoo.hub.publish`
+SOURCE: a classifier or segmenter (DeepLabV3 ``SemanticSegmenter``) Lightning checkpoint, a folder, or a
+model name. A thin entry point; the code, its options and documentation are in :mod:`zoo.hub.publish`
 (also ``python -m zoo.hub.publish``).
 """
 import sys

@@ -91,9 +91,11 @@ def test_peak_grows_with_images():
 
 
 def test_measure_in_fresh_process_matches():
+    """The same step measured in a fresh process and in this one: equal up to what earlier tests in this
+    process leave behind (lazily initialised kernels' buffers: 24 KB of 3.9 MB was seen in a full run)."""
     setup = Setup(**TINY)
-    assert measure_setup(setup, 2, fresh_process=True)['peak_bytes'] == \
-        measure_setup(setup, 2, fresh_process=False)['peak_bytes']
+    fresh = measure_setup(setup, 2, fresh_process=True)['peak_bytes']
+    assert measure_setup(setup, 2, fresh_process=False)['peak_bytes'] == pytest.approx(fresh, rel=0.02)
 
 
 class _Tiny(nn.Module):

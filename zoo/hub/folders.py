@@ -30,6 +30,7 @@ from timm.models._hub import load_model_config_from_path, save_for_hf
 
 from zoo._download import hub_download
 from .reading import WeightsError, read_weights, state_dict_sha256
+from .segmenters import SEGMENTATION_TASK, load_hub_segmenter
 
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'ALLOW_UNVERIFIED_ENV', 'UnverifiedWeightsWarning',
            'verify_state_dict', 'model_config_sha256',
@@ -78,6 +79,8 @@ def model_config_sha256(config: Mapping[str, Any]) -> str:
     pretrained_cfg = config.get('pretrained_cfg', config)  # timm's legacy configs are one flat dict
     defining = {'config': {k: config.get(k) for k in _MODEL_CONFIG_FIELDS},
                 'pretrained_cfg': {k: pretrained_cfg.get(k) for k in _MODEL_PRETRAINED_CFG_FIELDS}}
+    if config.get('task') is not None:  # segmenter folders (zoo.hub.segmenters); absent (unchanged) for timm's
+        defining['task'] = config['task']
     return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
 
 
@@ -251,11 +254,15 @@ def load_hub_model(
 
     Checks the weights (readable, digest, keys and shapes) before timm builds the model and loads
     them; kwargs go to ``timm.create_model`` (e.g. ``num_classes=5`` re-initialises the classifier).
+    A folder whose ``config.json`` records ``"task": "segmentation"`` builds its segmenter with
+    ``zoo.create_segmenter`` instead (:func:`zoo.hub.segmenters.load_hub_segmenter`), with the same checks.
     A folder without the zoo's digests is refused unless ``allow_unverified=True`` (see the module docstring).
     """
     folder, label = _resolve_folder(source, revision, cache_dir)
     config = json.loads((folder / CONFIG_NAME).read_text())
     verify_model_config(config, label, allow_unverified)
+    if config.get('task') == SEGMENTATION_TASK:  # the zoo's segmenter config (zoo.hub.segmenters), not timm's
+        return load_hub_segmenter(folder, label, config, **kwargs)
     state_dict = read_weights(folder / WEIGHTS_NAME)
     verify_state_dict(state_dict, _recorded_sha256(config), label)
     pretrained_cfg, arch, model_args = load_model_config_from_path(folder)

@@ -13,6 +13,7 @@ from timm.models import is_model, split_model_name_tag
 
 from .reading import (
     CHECKPOINT_DIGEST_KEY, WeightsError, load_weights, read_weights, strip_to_model_keys, verify_checkpoint)
+from .segmenters import SEGMENTATION_TASK, checkpoint_task, segmenter_from_checkpoint
 
 __all__ = ['LightningCheckpoint', 'read_lightning_checkpoint', 'load_lightning_checkpoint']
 
@@ -103,12 +104,16 @@ def load_lightning_checkpoint(
     The architecture comes from ``model_name`` or the checkpoint's hyper-parameters (``model_name``,
     ``model``, ``arch``; plus ``num_classes``, ``ws_formula``, ``norm_kwargs``, ``model_kwargs``);
     the LightningModule's attribute prefix (``model.``) is found by matching the model's keys.
+    A ``SemanticSegmenter`` checkpoint gives its segmenter (``zoo.create_segmenter``, with the run's
+    ``num_classes`` and ``model_kwargs``; see :mod:`zoo.hub.segmenters`).
     """
     ckpt = read_lightning_checkpoint(path)
     if not ckpt.verified:
         from .folders import UnverifiedWeightsWarning
         warnings.warn(f'{path} carries no {CHECKPOINT_DIGEST_KEY} digest (not written by zoo-train): its tensors are '
                       f'loaded unverified.', UnverifiedWeightsWarning, stacklevel=2)
+    if checkpoint_task(ckpt.hparams, model_name) == SEGMENTATION_TASK:
+        return segmenter_from_checkpoint(ckpt, model_name=model_name, strict=strict, use_ema=use_ema, **kwargs)
     name = model_name or ckpt.model_name
     if not name:
         raise WeightsError(

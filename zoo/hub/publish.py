@@ -13,6 +13,11 @@ label names, model args, pretrained_cfg with mean/std/input size, and the state-
 loaders check) and a model card (``README.md``). Before anything is pushed the folder is loaded
 back and must give bit-identical logits. ``--dry-run`` stops after writing the folder.
 
+Segmenters (a ``SemanticSegmenter`` checkpoint, e.g. a CamVid DeepLabV3 run) publish the same way:
+the task is read from the checkpoint; ``config.json`` is then the zoo's segmenter config
+(:mod:`zoo.hub.segmenters`: task, segmenter name, ``create_segmenter`` kwargs, label names, mean/std,
+eval size, digests), the card reports test mIoU and per-class IoU, and ``zoo.load_model`` loads it back.
+
 The token is never a flag: HfApi reads ``HF_TOKEN`` or the login saved by ``hf auth login``;
 this script never reads, prints or logs it.
 """
@@ -33,6 +38,7 @@ from timm.models import model_entrypoint, split_model_name_tag
 
 import zoo
 from zoo.hub import CONFIG_NAME, WEIGHTS_NAME, WeightsError, load_hub_model, read_lightning_checkpoint
+from zoo.hub.segmenters import SEGMENTATION_TASK, is_segmenter, save_hub_segmenter
 
 PAPERS = {
     'ws_bcn': ('Micro-Batch Training with Batch-Channel Normalization and Weight Standardization', 'arXiv:1903.10520', """@article{qiao2019micro,
@@ -63,6 +69,12 @@ PAPERS = {
   title={Aggregated Residual Transformations for Deep Neural Networks},
   author={Xie, Saining and Girshick, Ross and Doll{\\'a}r, Piotr and Tu, Zhuowen and He, Kaiming},
   booktitle={CVPR},
+  year={2017}
+}"""),
+    'deeplabv3': ('Rethinking Atrous Convolution for Semantic Image Segmentation', 'arXiv:1706.05587', """@article{chen2017rethinking,
+  title={Rethinking Atrous Convolution for Semantic Image Segmentation},
+  author={Chen, Liang-Chieh and Papandreou, George and Schroff, Florian and Adam, Hartwig},
+  journal={arXiv preprint arXiv:1706.05587},
   year={2017}
 }"""),
     'timm': ('PyTorch Image Models', 'github.com/huggingface/pytorch-image-models', """@misc{rw2019timm,
@@ -222,14 +234,35 @@ def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
     ipd = args.images_per_device or _find_key(info.train_config, ('images_per_device', 'batch_size'))
     info.images_per_device = int(ipd) if ipd is not None else None
     info.label_names = _label_names(args.label_names) or info.label_names
+    if is_segmenter(model) and src.is_file():
+        _segmenter_run_settings(model, info)
     info.license = args.license or info.license or model.pretrained_cfg.get('license') or 'apache-2.0'
     return model.eval(), info
+
+
+def _segmenter_run_settings(model: torch.nn.Module, info: RunInfo) -> None:
+    """Mean, std, eval size and class names of a segmentation run, from its training config (the DataModule's
+    ``mean``, ``std``, ``eval_size``, ``class_names``: a list, or a file relative to its ``root``)."""
+    cfg = info.train_config or {}
+    for key in ('mean', 'std', 'eval_size'):
+        value = _find_key(cfg, (key,))
+        if value is not None:
+            model.pretrained_cfg[key] = tuple(value) if isinstance(value, list) else value
+    names = _find_key(cfg, ('class_names',))
+    if info.label_names is None and isinstance(names, list):
+        info.label_names = [str(n) for n in names]
+    elif info.label_names is None and isinstance(names, str):
+        path = Path(str(_find_key(cfg, ('root',)) or '.')) / names
+        if path.is_file():
+            info.label_names = _label_names(str(path))
 
 
 # ----------------------------------------------------------------------------------- model card
 
 def _papers_for(arch: str) -> List[str]:
     keys = ['ws_bcn', 'resnext' if 'resnext' in arch else 'resnet']
+    if arch.startswith('deeplabv3'):
+        keys.insert(1, 'deeplabv3')
     if arch.endswith(('_bgn', '_wsbgn')):
         keys.append('bgn')
     if arch.endswith(('_gn', '_wsgn')):
@@ -237,7 +270,11 @@ def _papers_for(arch: str) -> List[str]:
     return keys + ['timm']
 
 
-def _describe(arch: str) -> str:
+def _describe(arch: str, task: Optional[str] = None) -> str:
+    if task == SEGMENTATION_TASK:
+        from zoo.segmentation import SEGMENTERS
+        doc = (SEGMENTERS.builder(arch).__doc__ or '').split(' (see')[0].strip().splitlines()
+        return doc[0].rstrip('.') if doc else arch
     doc = (model_entrypoint(arch).__doc__ or '').strip().splitlines()
     return doc[0].rstrip('.') if doc else arch
 
@@ -245,14 +282,37 @@ def _describe(arch: str) -> str:
 TEST_METRICS = {'test/top1': 'top-1 accuracy', 'test/top5': 'top-5 accuracy'}  # logged as fractions
 
 
-def eval_results(repo_id: str, info: RunInfo) -> Optional[List[EvalResult]]:
-    """The run's test accuracies (in %) as the card's ``model-index``, which the Hub displays and parses."""
-    found = [(k, name) for k, name in TEST_METRICS.items() if isinstance(info.metrics.get(k), float)]
+SEGMENTATION_TEST_METRICS = {'test/miou': ('mean_iou', 'mIoU'), 'test/pixel_acc': ('accuracy', 'pixel accuracy')}
+
+
+def eval_results(repo_id: str, info: RunInfo, task: Optional[str] = None) -> Optional[List[EvalResult]]:
+    """The run's test accuracies (in %) as the card's ``model-index``, which the Hub displays and parses;
+    for a segmenter, its test mIoU and pixel accuracy (task type ``image-segmentation``)."""
+    if task == SEGMENTATION_TASK:
+        task_type, metrics = 'image-segmentation', SEGMENTATION_TEST_METRICS
+    else:
+        task_type, metrics = 'image-classification', {k: ('accuracy', name) for k, name in TEST_METRICS.items()}
+    found = [(k, kind, name) for k, (kind, name) in metrics.items() if isinstance(info.metrics.get(k), float)]
     if not info.dataset or not found:
         return None
-    return [EvalResult(task_type='image-classification', dataset_type=info.dataset, dataset_name=info.dataset,
-                       dataset_split='test', metric_type='accuracy', metric_name=name,
-                       metric_value=round(100 * info.metrics[k], 2)) for k, name in found]
+    return [EvalResult(task_type=task_type, dataset_type=info.dataset, dataset_name=info.dataset,
+                       dataset_split='test', metric_type=kind, metric_name=name,
+                       metric_value=round(100 * info.metrics[k], 2)) for k, kind, name in found]
+
+
+def _class_iou_table(info: RunInfo) -> str:
+    """The run's test IoU of each class (``test/iou_<index>``), named by the label names, as a card section."""
+    rows = []
+    for c, name in enumerate(info.label_names or []):
+        value = info.metrics.get(f'test/iou_{c}')
+        if isinstance(value, (int, float)):
+            rows.append(f'| {c} | {name} | {100 * value:.2f} |')
+    if not rows:
+        rows = [f'| {k.split("_", 1)[1]} | | {100 * v:.2f} |' for k, v in info.metrics.items()
+                if k.startswith('test/iou_') and isinstance(v, (int, float))]
+    if not rows:
+        return ''
+    return '## Test IoU per class (%)\n| index | class | IoU |\n|---|---|---|\n' + '\n'.join(rows) + '\n\n'
 
 
 def _registry_entry(repo_id: str):
@@ -270,19 +330,23 @@ def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> Mod
     """The card: what the weights are (description, license, recipe, notes) from their registry entry,
     so card and ``zoo.list_pretrained`` cannot disagree; what the run measured from the run."""
     cfg = model.pretrained_cfg
-    arch = split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
+    task = cfg.get('task')
+    segmenter = task == SEGMENTATION_TASK
+    arch = cfg['architecture'] if segmenter else split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
     papers = _papers_for(arch)
-    results = eval_results(repo_id, info)
+    results = eval_results(repo_id, info, task)
     entry = _registry_entry(repo_id)
     license_ = entry.license if entry else info.license
-    description = entry.description if entry else _describe(arch)
+    description = entry.description if entry else _describe(arch, task)
     seed = _seed_of(info)
     extra = (f'\n- **Recipe:** {entry.recipe}' if entry else '') + (
         f'\n- **Seed:** {seed} (`seed_everything` of the run)' if seed is not None else '')
     notes = ''.join(f'\n- {n}' for n in entry.notes) if entry and entry.notes else ''
+    pipeline_tag = 'image-segmentation' if segmenter else 'image-classification'
     data = ModelCardData(
-        library_name='timm', license=license_, pipeline_tag='image-classification',
-        tags=['image-classification', 'timm', 'wsbcn-zoo', 'micro-batch-training'],
+        library_name='pytorch' if segmenter else 'timm', license=license_, pipeline_tag=pipeline_tag,
+        tags=[pipeline_tag] + (['deeplabv3', 'semantic-segmentation'] if segmenter else ['timm'])
+        + ['wsbcn-zoo', 'micro-batch-training'],
         datasets=[info.dataset] if info.dataset else None,
         model_name=repo_id.split('/')[-1] if results else None, eval_results=results)
     n_params = sum(p.numel() for p in model.parameters())
@@ -291,26 +355,58 @@ def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> Mod
     train_cfg = yaml.safe_dump(info.train_config, sort_keys=False).strip() if info.train_config else '(not recorded)'
     model_args = json.dumps(getattr(model, '_model_args', {}), sort_keys=True)
     citations = '\n'.join(f'```bibtex\n{PAPERS[k][2]}\n```' for k in papers)
+    if segmenter:
+        intro = (f'{description}: `{arch}` (`zoo.create_segmenter`), a semantic segmenter from wsbcn-zoo, the '
+                 f'micro-batch training zoo (Weight\nStandardization, Batch-Channel Normalization, Batch Group '
+                 f'Normalization).')
+        labels = f' ({", ".join(info.label_names)})' if info.label_names else ''
+        eval_size = cfg.get('eval_size')
+        size = f'shorter side resized to {eval_size}' if eval_size else 'full size'
+        io = (f'- **Task:** semantic segmentation (`model(x)[\'out\']`: logits (N, {model.num_classes}, H, W) '
+              f'at the input size)\n'
+              f'- **Classes:** {model.num_classes}{labels}\n'
+              f'- **Input:** RGB, {size} at evaluation, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}')
+        usage = f"""```python
+import torch, zoo
+model = zoo.load_model('{repo_id}').eval()   # checks the weights against the digest in config.json
+with torch.no_grad():
+    logits = model(torch.randn(1, 3, {eval_size or 128}, {eval_size or 128}))['out']   # normalized with the mean / std above
+labels = logits.argmax(1)
+```
+Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache; a downloaded folder loads with `zoo.load_model(PATH)`."""
+    else:
+        intro = (f'{description}: a `{arch}` from wsbcn-zoo, the micro-batch training zoo (Weight\n'
+                 f'Standardization, Batch-Channel Normalization, Batch Group Normalization) for timm.')
+        io = (f'- **Classes:** {model.num_classes}\n'
+              f"- **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, "
+              f"crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation")
+        usage = f"""```python
+import timm, zoo  # importing zoo registers the architecture in timm
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+data_cfg = timm.data.resolve_data_config(model=model)
+transform = timm.data.create_transform(**data_cfg)
+```
+Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache; `zoo.load_model('{repo_id}')` also checks
+the weights against the digest in `config.json`."""
+    class_iou = _class_iou_table(info) if segmenter else ''
     content = f"""---
 {data.to_yaml()}
 ---
 # Model card for {repo_id.split('/')[-1]}
 
-{description}: a `{arch}` from wsbcn-zoo, the micro-batch training zoo (Weight
-Standardization, Batch-Channel Normalization, Batch Group Normalization) for timm.
+{intro}
 
 ## Model details
 - **Architecture:** `{arch}` (model args `{model_args}`)
 - **Parameters:** {n_params / 1e6:.2f}M
-- **Classes:** {model.num_classes}
-- **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation
+{io}
 - **Dataset:** {info.dataset or '(not recorded)'}
 - **Images per device:** {info.images_per_device if info.images_per_device is not None else '(not recorded)'}
 - **Weights from:** {info.source}{extra}
 - **License:** {license_}
 - **Papers:** {'; '.join(f'{PAPERS[k][0]} ({PAPERS[k][1]})' for k in papers)}
 
-{'## Notes' + notes + chr(10) + chr(10) if notes else ''}## Metrics of the run
+{'## Notes' + notes + chr(10) + chr(10) if notes else ''}{class_iou}## Metrics of the run
 | metric | value |
 |---|---|
 {metrics}
@@ -321,14 +417,7 @@ Standardization, Batch-Channel Normalization, Batch Group Normalization) for tim
 ```
 
 ## Usage
-```python
-import timm, zoo  # importing zoo registers the architecture in timm
-model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
-data_cfg = timm.data.resolve_data_config(model=model)
-transform = timm.data.create_transform(**data_cfg)
-```
-Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache; `zoo.load_model('{repo_id}')` also checks
-the weights against the digest in `config.json`.
+{usage}
 
 ## Citation
 {citations}
@@ -341,22 +430,35 @@ the weights against the digest in `config.json`.
 def write_folder(model: torch.nn.Module, info: RunInfo, folder: Path, repo_id: str, data_config=None) -> Path:
     """Weights + config.json (zoo.save_hub_folder), the model card, then a bit-exact reload check."""
     folder.mkdir(parents=True, exist_ok=True)
-    arch = split_model_name_tag(model.pretrained_cfg.get('architecture') or '')[0]
-    description = f'{_describe(arch)}' + (f', trained on {info.dataset}' if info.dataset else '') + (
+    task = model.pretrained_cfg.get('task')
+    arch = model.pretrained_cfg['architecture'] if is_segmenter(model) else split_model_name_tag(
+        model.pretrained_cfg.get('architecture') or '')[0]
+    description = f'{_describe(arch, task)}' + (f', trained on {info.dataset}' if info.dataset else '') + (
         f', {info.images_per_device} images per device' if info.images_per_device else '')
-    zoo.save_hub_folder(model, folder, label_names=info.label_names, data_config=data_config,
-                        pretrained_cfg=dict(description=description))
+    if is_segmenter(model) and data_config:
+        model.pretrained_cfg.update(data_config)  # the card states what the folder records
+    save = save_hub_segmenter if is_segmenter(model) else zoo.save_hub_folder
+    save(model, folder, label_names=info.label_names, data_config=data_config, pretrained_cfg=dict(description=description))
     build_model_card(model, repo_id, info).save(folder / 'README.md')
     check_round_trip(model, folder)
     return folder
 
 
+def _outputs_equal(a: Any, b: Any) -> bool:
+    """Bit-identical outputs: tensors, or a segmenter's ``{'out'[, 'aux']}`` dicts of them."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
+
+
 def check_round_trip(model: torch.nn.Module, folder: Path) -> None:
+    """The folder loaded back (with every check) must give the source model's outputs bit for bit on a fixed input
+    (two images of the folder's ``input_size``)."""
     reloaded = load_hub_model(str(folder)).eval()
     size = tuple(reloaded.pretrained_cfg['input_size'])
     x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        if not torch.equal(model.eval()(x), reloaded(x)):
+        if not _outputs_equal(model.eval()(x), reloaded(x)):
             raise RuntimeError(f'{folder}: the saved model does not reproduce the source model; not publishing.')
 
 
@@ -374,7 +476,7 @@ def _data_config(args) -> Optional[Dict[str, Any]]:
     cfg = {k: v for k, v in dict(
         mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
         input_size=tuple(args.input_size) if args.input_size else None, crop_pct=args.crop_pct,
-        interpolation=args.interpolation).items() if v is not None}
+        interpolation=args.interpolation, eval_size=args.eval_size).items() if v is not None}
     return cfg or None
 
 
@@ -400,6 +502,8 @@ def parse_args(argv=None):
     p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
     p.add_argument('--crop-pct', type=float, default=None)
     p.add_argument('--interpolation', default=None)
+    p.add_argument('--eval-size', type=int, default=None,
+                   help='segmenters: shorter side of evaluation images (default: eval_size of the training config)')
     return p.parse_args(argv)
 
 
@@ -407,7 +511,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, info = load_source(args)
-    except (WeightsError, FileNotFoundError) as e:
+    except (WeightsError, FileNotFoundError, zoo.UnknownModelError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     name = args.repo_id.split('/')[-1]
