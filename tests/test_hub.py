@@ -116,7 +116,8 @@ def test_card_reports_the_logged_metric_value(trained, exported):
     col = header.index('val_acc')
     last = [float(r.split(',')[col]) for r in rows if r.split(',')[col]][-1]
     assert f'| val_acc | {last:.4g} |' in (exported / 'README.md').read_text()
-    assert '| epochs | 2 |' in (exported / 'README.md').read_text()  # max_epochs=2, saved at the end
+    card = (exported / 'README.md').read_text()
+    assert '| epochs | 2 |' in card and '| optimizer steps | 4 |' in card  # max_epochs=2 of 2 batches, saved at the end
 
 
 def test_card_model_index_holds_the_test_accuracy(trained, tmp_path):

@@ -162,10 +162,10 @@ def test_plain_fx_and_torchscript_of_every_layer_give_eager_outputs_gradients_an
     """FX graphs run the norms' own forward: exactly eager's. Scripted layers run plain paths (two-stage BCN,
     Welford moments for the estimates): equal to float32 rounding.
 
-    Plain FX splits a WS conv into standardization and conv nodes, autograd's graph of the formula, so the
-    exact comparison runs eager on the plain path too (the lean path equals it to rounding: test_memory_lean)."""
+    Plain FX splits a WS conv into standardization and conv nodes, and TorchScript runs plain formulas:
+    autograd's graphs, so eager runs its plain path too (the lean path equals it to rounding: test_memory_lean)."""
     exact = build is torch.fx.symbolic_trace
-    with memory_lean(not exact):
+    with memory_lean(False):
         _check_fx_or_script_against_eager(build, exact)
 
 
