@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .estimated_batch_norm import EstimatedBatchNorm2d, sample_channel_moments
 from .eval_folding import take_folded, tensors_state
 from .fx_leaf import fx_leaf_call
-from .memory_lean import memory_lean_enabled
+from .memory_lean import is_exporting, lean_path_applies, memory_lean_enabled
 from .moment_affine import MomentAffine, affine_per_sample_channel, per_sample_channel_sums
 
 __all__ = ['BatchChannelNorm2d', 'BCN_BATCH_STAGES', 'running_stats_affine', 'set_bcn_batch_stage']
@@ -109,7 +109,7 @@ class BatchChannelNorm2d(nn.Module):
         bn = self._modules['bn']  # not self.bn: Module.__getattr__ is slow, and this runs per layer and call
         if bn._forward_hooks or bn._forward_pre_hooks:
             return False  # the user observes the batch stage: run it as a module
-        if _is_exporting():
+        if is_exporting():
             return False  # torch.export: standard ops (batch_norm, group_norm) that every backend and ONNX know
         if isinstance(bn, EstimatedBatchNorm2d):
             return True
@@ -161,11 +161,9 @@ class BatchChannelNorm2d(nn.Module):
     def _lean_batch_stage_applies(self, x: torch.Tensor) -> bool:
         """Whether a ``'batch'`` stage in training can run as one :class:`MomentAffine` (memory-lean path)."""
         bn = self._modules['bn']
-        return (memory_lean_enabled() and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.training
-                and bn.affine and bn.running_mean is not None and not bn._forward_hooks and not bn._forward_pre_hooks
-                and type(x) is torch.Tensor and x.ndim == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _is_exporting()
-                and not torch._C._are_functorch_transforms_active())
+        return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.running_mean is not None
+                and not bn._forward_hooks and not bn._forward_pre_hooks and lean_path_applies(x)
+                and x.ndim == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1)
 
     def _lean_batch_stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Both stages, batch statistics included, as one affine of ``x`` that keeps only ``x`` for backward
@@ -214,11 +212,6 @@ class BatchChannelNorm2d(nn.Module):
             cache = (key, *self.channel_affine())
             self.__dict__['_channel_affine_cache'] = cache
         return cache[1], cache[2]
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5
-    return bool(is_exporting and is_exporting())
 
 
 def _bcn_coefficients(mean, var, a, b, gw, gb, num_groups, eps):

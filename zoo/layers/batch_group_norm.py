@@ -37,7 +37,7 @@ from timm.layers import register_notrace_module
 
 from .estimated_batch_norm import sample_channel_moments
 from .fx_leaf import fx_leaf_call
-from .memory_lean import memory_lean_enabled
+from .memory_lean import lean_path_applies
 from .moment_affine import MomentAffine
 from .nonfinite_stats import keep_finite_update, load_skip_counter, register_skip_counter
 
@@ -59,18 +59,6 @@ def _bgn_coefficients(mean, var, weight, bias, num_groups: int, eps: float):
     big_a = weight.view(1, num_groups, -1) * torch.rsqrt(group_var + eps)
     big_b = bias.view(1, num_groups, -1) - group_mean * big_a
     return big_a.expand(n, -1, -1).reshape(n, c), big_b.expand(n, -1, -1).reshape(n, c)
-
-
-def _lean_applies(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether training can take the memory-lean :class:`MomentAffine` path (eager, plain tensors)."""
-    return (memory_lean_enabled() and norm.training and torch.is_grad_enabled() and type(x) is torch.Tensor
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _is_exporting()
-                and not torch._C._are_functorch_transforms_active())
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5
-    return bool(is_exporting and is_exporting())
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
@@ -133,7 +121,7 @@ class BatchGroupNorm2d(nn.Module):
             zeros, ones = scale.new_zeros(self.num_channels), scale.new_ones(self.num_channels)
             return F.batch_norm(x, zeros, ones, scale, shift, False, 0., 0.)
         if not torch.jit.is_scripting():
-            if _lean_applies(self, x):
+            if self.training and lean_path_applies(x):
                 return self._lean_forward(x)
         # Groups become the "channels" of batch_norm, which then reduces over batch and group elements.
         grouped = x.reshape(x.shape[0], self.num_groups, -1)

@@ -10,7 +10,9 @@ supports double backward (gradient penalties), which the lean functions do not.
 """
 from contextlib import contextmanager
 
-__all__ = ['memory_lean', 'memory_lean_enabled', 'set_memory_lean']
+import torch
+
+__all__ = ['memory_lean', 'memory_lean_enabled', 'set_memory_lean', 'lean_path_applies', 'is_exporting']
 
 _LEAN = True
 
@@ -35,3 +37,18 @@ def memory_lean(enabled: bool = True):
         yield
     finally:
         _LEAN = previous
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing (False on torch < 2.5, which has no such flag)."""
+    exporting = getattr(torch.compiler, 'is_exporting', None)
+    return bool(exporting and exporting())
+
+
+def lean_path_applies(x) -> bool:
+    """Whether a lean autograd function may stand in for autograd's graph on input ``x``: the switch is on,
+    autograd records, ``x`` is a plain tensor (no FX proxy or subclass) and no tracer, compiler, exporter
+    or ``torch.func`` transform is running (they need the plain ops)."""
+    return (_LEAN and torch.is_grad_enabled() and type(x) is torch.Tensor and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not is_exporting()
+            and not torch._C._are_functorch_transforms_active())

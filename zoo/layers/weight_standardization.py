@@ -21,7 +21,7 @@ Why ``zoo`` as the default: eps inside the root never divides by zero (the autho
 belongs there after NaN reports), and the biased variance stays defined for a fan-in of one.
 """
 from contextlib import nullcontext
-from typing import NamedTuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import torch
 import torch.fx
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .eval_folding import fold_target, mark_folded, tensors_state
-from .memory_lean import memory_lean_enabled
+from .memory_lean import lean_path_applies
+from .moment_affine import autocast_enabled
 
 __all__ = ['WSFormula', 'WS_FORMULAS', 'DEFAULT_WS_FORMULA', 'resolve_ws_formula', 'standardize_weight',
            'standardize_conv_weight', 'WSConv2d']
@@ -76,6 +77,20 @@ def _as_weight(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return rows.view_as(weight)
 
 
+def _row_statistics(rows: torch.Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w_hat rows, mean, s, r)`` per output channel: ``w_hat = (w - mean) / s`` with ``r = sqrt(V + eps)``
+    or ``sqrt(V)`` and ``s = r`` or ``r + eps`` (the lean backward needs all three statistics)."""
+    if eps_in_sqrt and not unbiased:  # one fused kernel, which also returns the statistics
+        w_hat, mean, invstd = torch.native_batch_norm(rows.unsqueeze(0), None, None, None, None, True, 0., eps)
+        s = invstd.reciprocal()
+        return w_hat.squeeze(0), mean, s, s
+    var, mean = torch.var_mean(rows, dim=1, correction=int(unbiased))
+    r = (var + eps).sqrt() if eps_in_sqrt else var.sqrt()
+    s = r if eps_in_sqrt else r + eps
+    return (rows - mean[:, None]) / s[:, None], mean, s, r
+
+
 @torch.fx.wrap
 def standardize_conv_weight(weight: torch.Tensor, eps: float, unbiased: bool, eps_in_sqrt: bool) -> torch.Tensor:
     """Standardize a conv weight per output channel (dim 0): ``(w - mean) / s`` with ``s`` as the formula's fields say.
@@ -84,14 +99,7 @@ def standardize_conv_weight(weight: torch.Tensor, eps: float, unbiased: bool, ep
     format, which a traced graph cannot. Plain arguments and TorchScript-compatible, so a traced
     graph scripts too; quantize_fx observes (and quantizes) its output, the standardized weight.
     """
-    flat = _per_output_rows(weight)
-    if eps_in_sqrt and not unbiased:
-        # One fused kernel; identical to the explicit formula below.
-        rows = F.batch_norm(flat.unsqueeze(0), None, None, training=True, momentum=0., eps=eps)
-        return _as_weight(rows.squeeze(0), weight)
-    var, mean = torch.var_mean(flat, dim=1, correction=int(unbiased), keepdim=True)
-    scale = (var + eps).sqrt() if eps_in_sqrt else var.sqrt() + eps
-    return _as_weight((flat - mean) / scale, weight)
+    return _as_weight(_row_statistics(_per_output_rows(weight), eps, unbiased, eps_in_sqrt)[0], weight)
 
 
 def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DEFAULT_WS_FORMULA) -> torch.Tensor:
@@ -102,21 +110,7 @@ def standardize_weight(weight: torch.Tensor, formula: Union[str, WSFormula] = DE
 
 def _autocast_dtype(device_type: str):
     """The autocast dtype convolutions run in on ``device_type``, or None when autocast is off there."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _row_statistics(rows: torch.Tensor, f: WSFormula):
-    """Per output channel ``(w_hat rows, mean, s, r)`` of :func:`_standardization_backward_`'s formula."""
-    if f.eps_in_sqrt and not f.unbiased:  # the fused kernel of standardize_conv_weight, with its statistics
-        w_hat, mean, invstd = torch.native_batch_norm(rows.unsqueeze(0), None, None, None, None, True, 0., f.eps)
-        s = invstd.reciprocal()
-        return w_hat.squeeze(0), mean, s, s
-    var, mean = torch.var_mean(rows, dim=1, correction=int(f.unbiased))
-    r = (var + f.eps).sqrt() if f.eps_in_sqrt else var.sqrt()
-    s = r if f.eps_in_sqrt else r + f.eps
-    return (rows - mean[:, None]) / s[:, None], mean, s, r
+    return torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
 
 
 def _autocast_off(device_type: str):
@@ -140,7 +134,8 @@ class _LeanWSConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups: int, formula: WSFormula):
         amp_dtype = _autocast_dtype(x.device.type)
         with torch.no_grad(), _autocast_off(x.device.type):
-            rows, mean, s, r = _row_statistics(_per_output_rows(weight), formula)
+            rows, mean, s, r = _row_statistics(_per_output_rows(weight), formula.eps, formula.unbiased,
+                                               formula.eps_in_sqrt)
             w_hat = _as_weight(rows, weight)
             if amp_dtype is not None:
                 x, w_hat = x.to(amp_dtype), w_hat.to(amp_dtype)
@@ -216,10 +211,7 @@ def _is_channels_last(weight: torch.Tensor) -> bool:
 def _lean_conv_applies(conv: nn.Conv2d, x) -> bool:
     """Whether :class:`_LeanWSConv` can stand in for autograd's graph (eager training with plain tensors)."""
     w = conv.weight
-    return (memory_lean_enabled() and torch.is_grad_enabled() and type(w) is nn.Parameter and w.requires_grad
-            and type(x) is torch.Tensor and not isinstance(conv.padding, str)
-            and not torch._C._are_functorch_transforms_active()
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+    return type(w) is nn.Parameter and w.requires_grad and not isinstance(conv.padding, str) and lean_path_applies(x)
 
 
 @register_notrace_module  # FX (timm, torchvision feature extraction): run as one module
