@@ -39,7 +39,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from zoo.hub import WeightsError
 from zoo.layers import DEFAULT_WS_FORMULA, convert_to_ws, set_bcn_batch_stage
-from zoo.layers.activation_checkpoint import set_activation_checkpointing
+from zoo.layers.activation_checkpoint import checkpoint_resnet_stages, set_activation_checkpointing
 from zoo.models import NORM_VARIANTS
 from zoo.models._variants import make_norm_layer
 from zoo.models.resnet import _TIMM_OWNED
@@ -121,8 +121,7 @@ def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formul
         raise WeightsError(f'{name}: could not load the ImageNet weights of its backbone {kwargs["model_name"]}: '
                            f'{type(e).__name__}: {e} Offline, pass pretrained_backbone=PATH to a local copy.') from e
     if checkpoint_stages:
-        for stage in STAGE_NAMES[1:]:
-            set_activation_checkpointing(getattr(body, stage[0]))
+        checkpoint_resnet_stages(body, backbone)
     return body
 
 

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.utils._pytree import tree_leaves
 
-__all__ = ['checkpoint_module', 'recomputing', 'set_activation_checkpointing', 'activation_checkpointing',
+__all__ = ['checkpoint_module', 'recomputing', 'set_activation_checkpointing', 'activation_checkpointing', 'checkpoint_resnet_stages',
            'CheckpointedSequential']
 
 _state = threading.local()  # recomputation runs in the thread that runs its backward node
@@ -220,6 +220,17 @@ def set_activation_checkpointing(module: nn.Sequential, enable: bool = True) -> 
     elif not enable and isinstance(module, CheckpointedSequential):
         module.__class__ = _plain_class(cls)
     return module
+
+
+def checkpoint_resnet_stages(body: nn.Module, backbone: str) -> None:
+    """Checkpoint the stages (``layer1``, ``layer2``, ...) of a ResNet body, e.g. a ``features_only`` backbone
+    of a detector or segmenter, whichever model built it (timm's own ResNets take no ``checkpoint_stages``)."""
+    stages = [m for n, m in body.named_children() if n.startswith('layer') and isinstance(m, nn.Sequential)]
+    if not stages:
+        raise ValueError(f'checkpoint_stages: the backbone {backbone} has no ResNet stages (layer1, layer2, ...) '
+                         f'to checkpoint; its features_only model has {[n for n, _ in body.named_children()]}')
+    for stage in stages:
+        set_activation_checkpointing(stage)
 
 
 def activation_checkpointing(module: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from ..convert import convert_model
 from ..factory import create_model
 from ..layers import FoldsConvNormsInEval, folds_in_eval, set_bcn_batch_stage
-from ..layers.activation_checkpoint import set_activation_checkpointing
+from ..layers.activation_checkpoint import checkpoint_resnet_stages, set_activation_checkpointing
 from ..models._variants import NORM_VARIANTS
 from ..models.resnet import AUTHORS_IN1K
 from ..task_registry import TaskRegistry
@@ -115,15 +115,6 @@ def _convert_head(head: nn.Module, variant: str, norm_kwargs: Optional[Dict[str,
     return convert_model(head, variant, **kwargs)
 
 
-def _checkpoint_stages(body: nn.Module, backbone: str) -> None:
-    stages = [m for n, m in body.named_children() if n.startswith('layer') and isinstance(m, nn.Sequential)]
-    if not stages:
-        raise ValueError(f'checkpoint_stages: the backbone {backbone} has no ResNet stages (layer1, layer2, ...) '
-                         f'to checkpoint; its features_only model has {[n for n, _ in body.named_children()]}')
-    for stage in stages:
-        set_activation_checkpointing(stage)
-
-
 def build_deeplabv3(
         backbone: str,
         num_classes: int = 21,
@@ -163,7 +154,7 @@ def build_deeplabv3(
     body = create_model(backbone, pretrained=pretrained_backbone, features_only=True, out_indices=tuple(out_indices),
                         output_stride=output_stride, **backbone_kwargs)
     if checkpoint_stages:
-        _checkpoint_stages(body, backbone)
+        checkpoint_resnet_stages(body, backbone)
     if bcn_batch_stage is not None:
         set_bcn_batch_stage(body, bcn_batch_stage)
     channels = body.feature_info.channels()
