@@ -175,6 +175,25 @@ def test_checkpointed_stages_match_unchecked_run(name):
     _assert_same_step(plain, ckpt)
 
 
+@pytest.mark.parametrize('name', ['tsm_resnet18_wsbcn', 'tsm_resnet18_wsgn'])
+def test_checkpointed_video_stages_match_unchecked_run(name):
+    """TSM runs ZooResNet's forward on folded frames: each stage is checkpointed once (timm's checkpoint_seq
+    on top of it updated every estimate twice)."""
+    def step(ckpt):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_segments=2, num_classes=3, checkpoint_stages=ckpt, **SHALLOW).double()
+        calls = _Calls(model.layer2[0])
+        g = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            model(torch.randn(1, 3, 2, 32, 32, generator=g, dtype=torch.float64)).square().sum().backward()
+        return (_grads(model), _state(model), torch.get_rng_state()), calls.n
+
+    plain, plain_calls = step(False)
+    ckpt, ckpt_calls = step(True)
+    assert (plain_calls, ckpt_calls) == (2, 4)
+    _assert_same_step(plain, ckpt)
+
+
 def test_set_grad_checkpointing_switches_and_features_only_checkpoints():
     model = _model('resnet18_wsbcn', False)
     keys = list(model.state_dict())

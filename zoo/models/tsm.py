@@ -33,9 +33,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs
-from timm.models.resnet import ResNet
 
-from zoo.layers import folds_in_eval
 from zoo.layers.temporal_shift import add_temporal_shift
 from ._variants import BN_VARIANT, NORM_VARIANTS, register_zoo_entrypoint
 from ._weights import build_zoo_model
@@ -92,15 +90,11 @@ class TSMResNet(ZooResNet):
         x = check_video_batch(type(self).__name__, x, self.in_chans, self.num_segments)
         return x.transpose(1, 2).flatten(0, 1)  # no shape unpacking: FX traces it
 
-    @folds_in_eval
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-frame features, frames folded into the batch: (B * T, C', H', W')."""
-        return ResNet.forward_features(self, self.fold_frames(x))
-
-    @folds_in_eval
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        """timm's intermediates of every frame, frames folded into the batch (B * T, ...)."""
-        return ResNet.forward_intermediates(self, self.fold_frames(x), *args, **kwargs)
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips checked and folded into frames, so that ZooResNet's ``forward_features`` (per-frame features,
+        (B * T, C', H', W')) and ``forward_intermediates`` run on them; not timm's, whose ``checkpoint_seq``
+        would checkpoint the stages a second time, updating running statistics twice."""
+        return self.fold_frames(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
