@@ -368,19 +368,30 @@ def test_offline_url_weights_make_no_network_attempt(silent_server, torch_home, 
     assert 'pretrained_cfg_overlay=dict(file=PATH)' in message
 
 
-HUB_SCRIPT = r'''
-import time, timm, zoo
-for name, load in [
-        ('zoo.load_model', lambda: zoo.load_model('hf-hub:wsbcn-zoo/not-cached')),
-        ('hub-default-cfg', lambda: timm.create_model('resnet20_wsbcn.cifar10', pretrained=True,
-                                                     pretrained_cfg_overlay=dict(file=None)))]:
+LOADS_SCRIPT = r'''
+import signal, sys, time, timm, zoo
+signal.alarm(int(sys.argv[1]))  # without the zoo's probe, huggingface_hub retries for minutes: fail, do not hang
+for name, source in zip(sys.argv[2::2], sys.argv[3::2]):
     t = time.time()
     try:
-        load()
+        eval(source)
         print(f'{name}|loaded')
     except zoo.WeightsError as e:
         print(f'{name}|{time.time() - t:.1f}|{e}'.replace('\n', ' '))
 '''
+
+
+def _timed_loads(loads: dict, env: dict, cwd: Path, alarm: int = 120) -> dict:
+    """Run each ``name: expression`` load in one fresh interpreter (its own env, no Hub token, no cache), killed
+    after ``alarm`` seconds: ``{name: [seconds, message]}`` for the loads that raised ``WeightsError``,
+    ``{name: ['loaded']}`` else."""
+    argv = [item for pair in loads.items() for item in pair]
+    r = subprocess.run([sys.executable, '-c', LOADS_SCRIPT, str(alarm), *argv], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=cwd)
+    assert r.returncode == 0, f'rc {r.returncode} (-14: still waiting after {alarm} s): {r.stderr[-3000:]}'
+    results = {line.split('|')[0]: line.split('|')[1:] for line in r.stdout.splitlines() if '|' in line}
+    assert set(results) == set(loads), r.stdout + r.stderr[-2000:]
+    return results
 
 
 def test_silent_hub_fails_fast_with_clear_error(silent_server, tmp_path):
@@ -388,11 +399,10 @@ def test_silent_hub_fails_fast_with_clear_error(silent_server, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'HF_HUB_OFFLINE'}
     env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=f'http://127.0.0.1:{silent_server.port}',
                ZOO_DOWNLOAD_TIMEOUT='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = {line.split('|')[0]: line.split('|')[1:] for line in r.stdout.splitlines() if '|' in line}
-    assert set(results) == {'zoo.load_model', 'hub-default-cfg'}, r.stdout
+    results = _timed_loads({
+        'zoo.load_model': "zoo.load_model('hf-hub:wsbcn-zoo/not-cached')",
+        'hub-default-cfg': "timm.create_model('resnet20_wsbcn.cifar10', pretrained=True, "
+                           "pretrained_cfg_overlay=dict(file=None))"}, env, tmp_path)
     for name, (seconds, message) in results.items():
         assert float(seconds) < 20, (name, seconds)
         assert message.startswith(f'No reply from 127.0.0.1:{silent_server.port} within 1 s'), message
@@ -400,27 +410,13 @@ def test_silent_hub_fails_fast_with_clear_error(silent_server, tmp_path):
     assert silent_server.connections
 
 
-TIMM_HF_HUB_SCRIPT = r"""
-import signal, sys, time, timm, zoo
-signal.alarm(int(sys.argv[1]))  # without the zoo's probe, huggingface_hub retries for minutes: fail, do not hang
-t = time.time()
-try:
-    timm.create_model('hf-hub:wsbcn-zoo/not-cached', pretrained=True)
-    print('loaded')
-except zoo.WeightsError as e:
-    print(f'{time.time() - t:.1f}|{e}'.replace('\n', ' '))
-"""
-
-
 def test_silent_hub_bounds_timm_hf_hub_names(silent_server, tmp_path):
     """``timm.create_model('hf-hub:...')`` downloads config.json before any zoo code runs: ``import zoo`` bounds it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_HUB_')}
     env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=f'http://127.0.0.1:{silent_server.port}',
                ZOO_DOWNLOAD_TIMEOUT='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', TIMM_HF_HUB_SCRIPT, '15'], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, f'still waiting after 15 s (rc {r.returncode}): {r.stderr[-2000:]}'
-    seconds, message = r.stdout.strip().split('|', 1)
+    (seconds, message), = _timed_loads({'timm hf-hub': "timm.create_model('hf-hub:wsbcn-zoo/not-cached', "
+                                                       "pretrained=True)"}, env, tmp_path, alarm=15).values()
     assert float(seconds) < 10, seconds
     assert message.startswith(f'No reply from 127.0.0.1:{silent_server.port} within 1 s'), message
     assert 'wsbcn-zoo/not-cached/config.json is not in the Hugging Face cache' in message, message
@@ -626,30 +622,15 @@ def test_dripping_server_falls_below_the_minimum_rate(drip_server, torch_home, m
     assert _no_partial_files(torch_home), list(torch_home.rglob('*'))
 
 
-HUB_DRIP_SCRIPT = r"""
-import time, timm, zoo
-for name, load in [('zoo.load_model', lambda: zoo.load_model('hf-hub:wsbcn-zoo/drip')),
-                   ('timm hf-hub', lambda: timm.create_model('hf-hub:wsbcn-zoo/drip', pretrained=True))]:
-    t = time.time()
-    try:
-        load()
-        print(f'{name}|loaded')
-    except zoo.WeightsError as e:
-        print(f'{name}|{time.time() - t:.1f}|{e}'.replace('\n', ' '))
-"""
-
-
 def test_dripping_hub_hits_the_deadline_per_file(drip_server, tmp_path):
     """huggingface_hub's read timeout never ends a drip either; its temporary file is not kept."""
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_HUB_')}
     env.update(HF_HUB_CACHE=str(tmp_path / 'hf'), HF_ENDPOINT=drip_server.url.rsplit('/', 1)[0],
                ZOO_DOWNLOAD_TIMEOUT='5', ZOO_DOWNLOAD_MIN_RATE='0', ZOO_DOWNLOAD_DEADLINE='1.5',
                PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', HUB_DRIP_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = {line.split('|')[0]: line.split('|')[1:] for line in r.stdout.splitlines() if '|' in line}
-    assert set(results) == {'zoo.load_model', 'timm hf-hub'}, r.stdout + r.stderr[-2000:]
+    results = _timed_loads({'zoo.load_model': "zoo.load_model('hf-hub:wsbcn-zoo/drip')",
+                            'timm hf-hub': "timm.create_model('hf-hub:wsbcn-zoo/drip', pretrained=True)"},
+                           env, tmp_path)
     for name, (seconds, message) in results.items():
         assert float(seconds) < 15, (name, seconds)
         assert message.startswith('Download of ') and '/wsbcn-zoo/drip/resolve/main/config.json took too long: ' \
