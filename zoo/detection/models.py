@@ -28,7 +28,7 @@ category ids 1-90 used as labels directly, 81 for the 80 COCO categories mapped 
 """
 import os
 from functools import partial
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
@@ -46,7 +46,7 @@ from zoo.models.resnet import _TIMM_OWNED
 from zoo.task_registry import TaskRegistry
 from .backbone import STAGE_NAMES, TimmFPNBackbone, freeze_stages
 
-__all__ = ['DETECTORS', 'DETECTOR_ARCHS', 'create_detector', 'list_detectors', 'detector_name']
+__all__ = ['DETECTORS', 'DETECTOR_ARCHS', 'create_detector', 'list_detectors', 'detector_name', 'detector_backbone']
 
 DETECTORS = TaskRegistry('detector', 'zoo.list_detectors()')
 
@@ -54,6 +54,7 @@ DETECTORS = TaskRegistry('detector', 'zoo.list_detectors()')
 # small one for CPU runs and tests.
 DETECTOR_ARCHS = ('resnet18', 'resnet50', 'resnet101', 'resnext50_32x4d', 'resnext101_32x4d')
 DETECTOR_TASKS = {'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN}
+DETECTOR_TITLES = {'fasterrcnn': 'Faster R-CNN', 'maskrcnn': 'Mask R-CNN'}
 FEATURE_INDICES = (1, 2, 3, 4)  # layer1..layer4 of a ResNet: strides 4, 8, 16, 32
 HEAD_CHANNELS = 256
 BOX_FC_CHANNELS = 1024
@@ -67,6 +68,14 @@ def detector_name(task: str, arch: str, variant: Optional[str] = None) -> str:
 
 def _backbone_name(arch: str, variant: Optional[str]) -> str:
     return f'{arch}_{variant}' if variant else arch
+
+
+def detector_backbone(name: str) -> Tuple[str, Optional[str]]:
+    """The backbone and variant of a detector name: ``'maskrcnn_resnet50_fpn_wsbcn'`` ->
+    ``('resnet50_wsbcn', 'wsbcn')``, ``'fasterrcnn_resnet18_fpn'`` -> ``('resnet18', None)`` (the BN baseline)."""
+    arch, _, variant = name.split('_', 1)[-1].partition('_fpn')
+    variant = variant.lstrip('_') or None
+    return _backbone_name(arch, variant), variant
 
 
 def _pretrained_source(name: str, backbone: str, variant: Optional[str], pretrained) -> Dict[str, Any]:
@@ -92,11 +101,9 @@ def _pretrained_source(name: str, backbone: str, variant: Optional[str], pretrai
 
 
 def _has_weights(name: str) -> bool:
-    task, rest = name.split('_', 1)
-    arch, _, variant = rest.partition('_fpn')
-    variant = variant.lstrip('_') or None
+    backbone, variant = detector_backbone(name)
     tag = BASELINE_TAG if variant is None else ZOO_TAG
-    return f'{_backbone_name(arch, variant)}.{tag}' in timm.list_pretrained(f'{_backbone_name(arch, variant)}.*')
+    return f'{backbone}.{tag}' in timm.list_pretrained(f'{backbone}.*')
 
 
 def _build_body(name, arch, variant, pretrained_backbone, norm_groups, ws_formula, norm_kwargs, backbone_kwargs):
@@ -234,7 +241,14 @@ def list_detectors(filter: str = '') -> list:
     return DETECTORS.list(filter)
 
 
+def _register(task: str, arch: str, variant: Optional[str]) -> None:
+    build = partial(_build_detector, task, arch, variant)
+    build.__doc__ = (f'{DETECTOR_TITLES[task]} with FPN and a {_backbone_name(arch, variant)} backbone '
+                     f'(see create_detector for the kwargs).')  # the model card's description
+    DETECTORS.register(detector_name(task, arch, variant), build)
+
+
 for _task in DETECTOR_TASKS:
     for _arch in DETECTOR_ARCHS:
         for _variant in (None, *NORM_VARIANTS):
-            DETECTORS.register(detector_name(_task, _arch, _variant), partial(_build_detector, _task, _arch, _variant))
+            _register(_task, _arch, _variant)

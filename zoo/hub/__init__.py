@@ -5,7 +5,8 @@ Everything about weights lives in this package, one module per job:
 - :mod:`~zoo.hub.reading`: the one checkpoint reader (files, digests, layouts, the EMA rule);
 - :mod:`~zoo.hub.folders`: Hub-style folders and Hub repos;
 - :mod:`~zoo.hub.lightning`: Lightning checkpoints;
-- :mod:`~zoo.hub.segmenters`: segmenters (DeepLabV3) in folders and checkpoints (``"task": "segmentation"``);
+- :mod:`~zoo.hub.task_models`: segmenters and detectors in folders and checkpoints (``"task": "segmentation"``,
+  ``"detection"``), and the task of any model (video models are timm's: ``"task": "video-classification"``);
 - :mod:`~zoo.hub.converters`: the authors' checkpoint layouts (``python -m zoo.converters`` converts a file);
 - :mod:`~zoo.hub.publish`: model cards and publishing (``hub_upload.py`` is its entry point).
 Downloads with timeouts and offline handling are :mod:`zoo._download`.
@@ -44,6 +45,7 @@ from .reading import (
     read_weights, state_dict_sha256, strip_to_model_keys, unwrap_checkpoint, verify_checkpoint)
 from .registry import PretrainedEntry, list_pretrained
 from .segmenters import load_hub_segmenter, save_hub_segmenter
+from .task_models import load_hub_task_model, save_hub_task_model
 
 __all__ = [
     'WeightsError', 'UnverifiedWeightsWarning', 'ALLOW_UNVERIFIED_ENV', 'WEIGHTS_NAME', 'CONFIG_NAME',
@@ -52,7 +54,8 @@ __all__ = [
     'load_weights', 'verify_state_dict', 'model_config_sha256', 'verify_model_config', 'check_classifier',
     'record_model_config_digest', 'save_hub_folder', 'load_hub_model', 'LightningCheckpoint',
     'read_lightning_checkpoint', 'load_lightning_checkpoint', 'load_model', 'PretrainedEntry', 'list_pretrained',
-    'read_state_dict', 'unwrap_checkpoint', 'strip_to_model_keys', 'save_hub_segmenter', 'load_hub_segmenter',
+    'read_state_dict', 'unwrap_checkpoint', 'strip_to_model_keys', 'save_hub_task_model', 'load_hub_task_model',
+    'save_hub_segmenter', 'load_hub_segmenter',
 ]
 
 

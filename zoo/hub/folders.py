@@ -30,7 +30,7 @@ from timm.models._hub import load_model_config_from_path, save_for_hf
 
 from zoo._download import hub_download
 from .reading import WeightsError, read_weights, state_dict_sha256
-from .segmenters import SEGMENTATION_TASK, load_hub_segmenter
+from .task_models import CLASSIFICATION_TASK, TASK_KINDS, VIDEO_TASK, load_hub_task_model, model_task
 
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'ZOO_CONFIG_KEY', 'ALLOW_UNVERIFIED_ENV', 'UnverifiedWeightsWarning',
            'verify_state_dict', 'model_config_sha256',
@@ -79,7 +79,7 @@ def model_config_sha256(config: Mapping[str, Any]) -> str:
     pretrained_cfg = config.get('pretrained_cfg', config)  # timm's legacy configs are one flat dict
     defining = {'config': {k: config.get(k) for k in _MODEL_CONFIG_FIELDS},
                 'pretrained_cfg': {k: pretrained_cfg.get(k) for k in _MODEL_PRETRAINED_CFG_FIELDS}}
-    if config.get('task') is not None:  # segmenter folders (zoo.hub.segmenters); absent (unchanged) for timm's
+    if config.get('task') is not None:  # task-model and video folders (zoo.hub.task_models); absent for classifiers'
         defining['task'] = config['task']
     return hashlib.sha256(json.dumps(defining, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
 
@@ -159,10 +159,14 @@ def save_hub_folder(
     Uses timm's ``save_for_hf``, so the folder loads with ``timm.create_model('local-dir:FOLDER')``
     and, once pushed, with ``hf-hub:``. ``data_config`` overrides mean/std/input size/crop;
     ``pretrained_cfg`` overrides other fields (e.g. the description); ``extra`` goes under ``"zoo"``.
+    A video model (built with ``num_segments``, recorded in ``model_args``) is marked
+    ``"task": "video-classification"``, a field timm ignores and the digest covers.
     """
     folder = Path(folder)
     zoo_meta = dict(extra or {}, state_dict_sha256=state_dict_sha256(model.state_dict()), weights=WEIGHTS_NAME)
     model_config = {ZOO_CONFIG_KEY: zoo_meta}
+    if model_task(model) != CLASSIFICATION_TASK:
+        model_config['task'] = model_task(model)
     if pretrained_cfg:
         model_config['pretrained_cfg'] = dict(pretrained_cfg)
     if label_names:
@@ -254,20 +258,28 @@ def load_hub_model(
 
     Checks the weights (readable, digest, keys and shapes) before timm builds the model and loads
     them; kwargs go to ``timm.create_model`` (e.g. ``num_classes=5`` re-initialises the classifier).
-    A folder whose ``config.json`` records ``"task": "segmentation"`` builds its segmenter with
-    ``zoo.create_segmenter`` instead (:func:`zoo.hub.segmenters.load_hub_segmenter`), with the same checks.
+    A folder whose ``config.json`` records a task-model ``task`` (``"segmentation"``, ``"detection"``) builds
+    its model with ``zoo.create_segmenter`` / ``zoo.create_detector`` instead
+    (:func:`zoo.hub.task_models.load_hub_task_model`), with the same checks; an unknown task is refused naming
+    the file.
     A folder without the zoo's digests is refused unless ``allow_unverified=True`` (see the module docstring).
     """
     folder, label = _resolve_folder(source, revision, cache_dir)
     config = json.loads((folder / CONFIG_NAME).read_text())
     verify_model_config(config, label, allow_unverified)
-    if config.get('task') == SEGMENTATION_TASK:  # the zoo's segmenter config (zoo.hub.segmenters), not timm's
-        return load_hub_segmenter(folder, label, config, **kwargs)
+    task = config.get('task')
+    if task in TASK_KINDS:  # the zoo's task-model config (zoo.hub.task_models), not timm's
+        return load_hub_task_model(folder, label, config, **kwargs)
+    if task not in (None, CLASSIFICATION_TASK, VIDEO_TASK):
+        known = ', '.join([CLASSIFICATION_TASK, VIDEO_TASK, *TASK_KINDS])
+        raise WeightsError(f'{folder / CONFIG_NAME}: unknown task {task!r}; this zoo builds {known} models '
+                           f'(a folder of a newer zoo?).')
     state_dict = read_weights(folder / WEIGHTS_NAME)
-    verify_state_dict(state_dict, _recorded_sha256(config), label)
+    verify_state_dict(state_dict, _recorded_sha256(config), str(folder / WEIGHTS_NAME))  # the message names the file
     pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
     if not is_model(arch):
-        raise WeightsError(f'{label} needs architecture {arch!r}, which is not registered (import its package first).')
+        raise WeightsError(f'{folder / CONFIG_NAME} names architecture {arch!r}, which is not registered (import its '
+                           f'package first).')
     for k in ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url'):
         pretrained_cfg.pop(k, None)
     pretrained_cfg['state_dict'] = state_dict  # timm's highest-priority weight source: no second read

@@ -13,14 +13,16 @@ from timm.models import is_model, split_model_name_tag
 
 from .reading import (
     CHECKPOINT_DIGEST_KEY, WeightsError, load_weights, read_weights, strip_to_model_keys, verify_checkpoint)
-from .segmenters import SEGMENTATION_TASK, checkpoint_task, segmenter_from_checkpoint
+from .task_models import TASK_KINDS, checkpoint_task, task_model_from_checkpoint
 
 __all__ = ['LightningCheckpoint', 'read_lightning_checkpoint', 'load_lightning_checkpoint']
 
 
 _MODEL_NAME_KEYS = ('model_name', 'model', 'arch', 'architecture', 'backbone')
-_MODEL_KWARG_KEYS = ('num_classes', 'in_chans', 'ws_formula', 'norm_groups', 'norm_kwargs', 'global_pool')
+_MODEL_KWARG_KEYS = ('num_classes', 'in_chans', 'ws_formula', 'norm_groups', 'norm_kwargs', 'global_pool',
+                     'num_segments')  # VideoClassifier's frames per clip, a model kwarg of TSM
 _MODEL_KWARGS_DICTS = ('model_kwargs', 'model_args')
+_WEIGHT_ENTRIES = ('state_dict', 'optimizer_states')
 
 
 @dataclass
@@ -37,6 +39,9 @@ class LightningCheckpoint:
     monitor: Optional[str] = None
     best_score: Optional[float] = None
     verified: bool = False  # its tensors matched the zoo_sha256 digest recorded in it (False: it has none)
+    # Its other top-level entries but the optimizer state: loops, callbacks, and what the LightningModule's
+    # on_save_checkpoint added (a detector's input size and COCO categories).
+    entries: Dict[str, Any] = field(default_factory=dict)
 
 
 def _epochs_completed(ckpt: Mapping[str, Any]) -> Optional[int]:
@@ -89,7 +94,8 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> LightningCheckpoint:
         path=path, state_dict=dict(ckpt['state_dict']), hparams=hparams, model_name=_find_model_name(hparams),
         model_kwargs=_find_model_kwargs(hparams), epoch=ckpt.get('epoch'), global_step=ckpt.get('global_step'),
         epochs_completed=_epochs_completed(ckpt),
-        monitor=monitor, best_score=best, verified=bool(ckpt.get(CHECKPOINT_DIGEST_KEY)))
+        monitor=monitor, best_score=best, verified=bool(ckpt.get(CHECKPOINT_DIGEST_KEY)),
+        entries={k: v for k, v in ckpt.items() if k not in _WEIGHT_ENTRIES})
 
 
 def load_lightning_checkpoint(
@@ -104,16 +110,20 @@ def load_lightning_checkpoint(
     The architecture comes from ``model_name`` or the checkpoint's hyper-parameters (``model_name``,
     ``model``, ``arch``; plus ``num_classes``, ``ws_formula``, ``norm_kwargs``, ``model_kwargs``);
     the LightningModule's attribute prefix (``model.``) is found by matching the model's keys.
-    A ``SemanticSegmenter`` checkpoint gives its segmenter (``zoo.create_segmenter``, with the run's
-    ``num_classes`` and ``model_kwargs``; see :mod:`zoo.hub.segmenters`).
+    A ``SemanticSegmenter`` or ``DetectionModule`` checkpoint gives its segmenter or detector
+    (``zoo.create_segmenter`` / ``zoo.create_detector`` with the run's ``num_classes``, ``model_kwargs`` and,
+    for a detector, the input size it resized to; see :mod:`zoo.hub.task_models`); a ``VideoClassifier``
+    checkpoint its TSM model with the run's ``num_segments``.
     """
     ckpt = read_lightning_checkpoint(path)
     if not ckpt.verified:
         from .folders import UnverifiedWeightsWarning
         warnings.warn(f'{path} carries no {CHECKPOINT_DIGEST_KEY} digest (not written by zoo-train): its tensors are '
                       f'loaded unverified.', UnverifiedWeightsWarning, stacklevel=2)
-    if checkpoint_task(ckpt.hparams, model_name) == SEGMENTATION_TASK:
-        return segmenter_from_checkpoint(ckpt, model_name=model_name, strict=strict, use_ema=use_ema, **kwargs)
+    task = checkpoint_task(ckpt.hparams, model_name)
+    if task in TASK_KINDS:
+        return task_model_from_checkpoint(ckpt, model_name=model_name, strict=strict, use_ema=use_ema, task=task,
+                                          **kwargs)
     name = model_name or ckpt.model_name
     if not name:
         raise WeightsError(

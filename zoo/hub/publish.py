@@ -8,15 +8,24 @@ The model card, the run's facts and the push; ``hub_upload.py`` at the repositor
 
 The source is a Lightning checkpoint (``.ckpt``), a model folder (``zoo.converters`` output or
 an earlier export), or a timm / zoo model name with ``--weights`` (or its own pretrained weights).
-The folder holds ``model.safetensors``, timm's ``config.json`` (architecture, num_classes,
-label names, model args, pretrained_cfg with mean/std/input size, and the state-dict digest the
+The folder holds ``model.safetensors``, a ``config.json`` (a classifier's is timm's: architecture,
+num_classes, label names, model args, pretrained_cfg with mean/std/input size, and the digests the
 loaders check) and a model card (``README.md``). Before anything is pushed the folder is loaded
-back and must give bit-identical logits. ``--dry-run`` stops after writing the folder.
+back and must give bit-identical outputs. ``--dry-run`` stops after writing the folder.
 
-Segmenters (a ``SemanticSegmenter`` checkpoint, e.g. a CamVid DeepLabV3 run) publish the same way:
-the task is read from the checkpoint; ``config.json`` is then the zoo's segmenter config
-(:mod:`zoo.hub.segmenters`: task, segmenter name, ``create_segmenter`` kwargs, label names, mean/std,
-eval size, digests), the card reports test mIoU and per-class IoU, and ``zoo.load_model`` loads it back.
+Every task publishes the same way; the task is read from the checkpoint (its LightningModule):
+
+- segmenters (``SemanticSegmenter``, e.g. a CamVid DeepLabV3 run) and detectors (``DetectionModule``,
+  Faster / Mask R-CNN): ``config.json`` is the zoo's task-model config (:mod:`zoo.hub.task_models`: task,
+  model name, builder kwargs, label names, mean/std, eval size, digests); a detector records the sizes it
+  resizes to and its COCO category names, and the mean/std/eval size it applies itself;
+- video models (``VideoClassifier``, TSM): timm's config, with ``num_segments`` in its model args and
+  ``"task": "video-classification"``; the input size is a frame's (the run's ``crop_size``).
+
+The card states the task, its input and output, and the run's test metrics (validation ones for a run without
+a test): top-1 / top-5 accuracy, mIoU and per-class IoU, box and mask mAP. The reload check feeds each
+model its own input: images, a (1, C, T, H, W) clip, or a detector's list of images (every scored box kept,
+so that its output is not empty); ``zoo.load_model`` loads every folder back.
 
 The token is never a flag: HfApi reads ``HF_TOKEN`` or the login saved by ``hf auth login``;
 this script never reads, prints or logs it.
@@ -26,6 +35,7 @@ import csv
 import json
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -38,7 +48,9 @@ from timm.models import model_entrypoint, split_model_name_tag
 
 import zoo
 from zoo.hub import CONFIG_NAME, WEIGHTS_NAME, WeightsError, load_hub_model, read_lightning_checkpoint
-from zoo.hub.segmenters import SEGMENTATION_TASK, is_segmenter, save_hub_segmenter
+from zoo.hub.task_models import (
+    CLASSIFICATION_TASK, DETECTION_TASK, SEGMENTATION_TASK, TASK_KINDS, VIDEO_TASK, clip_frames, is_task_model,
+    model_task, save_hub_task_model)
 
 PAPERS = {
     'ws_bcn': ('Micro-Batch Training with Batch-Channel Normalization and Weight Standardization', 'arXiv:1903.10520', """@article{qiao2019micro,
@@ -77,6 +89,30 @@ PAPERS = {
   journal={arXiv preprint arXiv:1706.05587},
   year={2017}
 }"""),
+    'faster_rcnn': ('Faster R-CNN: Towards Real-Time Object Detection with Region Proposal Networks', 'arXiv:1506.01497', """@inproceedings{ren2015faster,
+  title={Faster R-CNN: Towards Real-Time Object Detection with Region Proposal Networks},
+  author={Ren, Shaoqing and He, Kaiming and Girshick, Ross and Sun, Jian},
+  booktitle={NeurIPS},
+  year={2015}
+}"""),
+    'mask_rcnn': ('Mask R-CNN', 'arXiv:1703.06870', """@inproceedings{he2017mask,
+  title={Mask R-CNN},
+  author={He, Kaiming and Gkioxari, Georgia and Doll{\\'a}r, Piotr and Girshick, Ross},
+  booktitle={ICCV},
+  year={2017}
+}"""),
+    'fpn': ('Feature Pyramid Networks for Object Detection', 'arXiv:1612.03144', """@inproceedings{lin2017feature,
+  title={Feature Pyramid Networks for Object Detection},
+  author={Lin, Tsung-Yi and Doll{\\'a}r, Piotr and Girshick, Ross and He, Kaiming and Hariharan, Bharath and Belongie, Serge},
+  booktitle={CVPR},
+  year={2017}
+}"""),
+    'tsm': ('TSM: Temporal Shift Module for Efficient Video Understanding', 'arXiv:1811.08383', """@inproceedings{lin2019tsm,
+  title={TSM: Temporal Shift Module for Efficient Video Understanding},
+  author={Lin, Ji and Gan, Chuang and Han, Song},
+  booktitle={ICCV},
+  year={2019}
+}"""),
     'timm': ('PyTorch Image Models', 'github.com/huggingface/pytorch-image-models', """@misc{rw2019timm,
   author={Ross Wightman},
   title={PyTorch Image Models},
@@ -97,6 +133,7 @@ class RunInfo:
     images_per_device: Optional[int] = None
     label_names: Optional[List[str]] = None
     license: Optional[str] = None
+    data_config: Dict[str, Any] = field(default_factory=dict)  # the run's data settings (the CLI's flags win)
 
 
 # ----------------------------------------------------------------------------------- run information
@@ -236,20 +273,30 @@ def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
     ipd = args.images_per_device or _find_key(info.train_config, ('images_per_device', 'batch_size'))
     info.images_per_device = int(ipd) if ipd is not None else None
     info.label_names = _label_names(args.label_names) or info.label_names
-    if is_segmenter(model) and src.is_file():
-        _segmenter_run_settings(model, info)
+    if src.is_file():
+        _run_settings(model_task(model), info)
+    if info.label_names is None and is_task_model(model):  # a detector's COCO categories, from its checkpoint
+        info.label_names = model.pretrained_cfg.get('label_names')
     info.license = args.license or info.license or model.pretrained_cfg.get('license') or 'apache-2.0'
     return model.eval(), info
 
 
-def _segmenter_run_settings(model: torch.nn.Module, info: RunInfo) -> None:
-    """Mean, std, eval size and class names of a segmentation run, from its training config (the DataModule's
-    ``mean``, ``std``, ``eval_size``, ``class_names``: a list, or a file relative to its ``root``)."""
+# The DataModule settings that say how a run's model sees its input (a video run's crop_size: the frame size).
+RUN_DATA_SETTINGS = {SEGMENTATION_TASK: ('mean', 'std', 'eval_size'), VIDEO_TASK: ('mean', 'std', 'crop_size')}
+
+
+def _run_settings(task: str, info: RunInfo) -> None:
+    """The data settings (:data:`RUN_DATA_SETTINGS`) and class names of a segmentation or video run, from its
+    training config (the DataModule's; ``class_names``: a list, or a file relative to its ``root``)."""
+    if task not in RUN_DATA_SETTINGS:
+        return
     cfg = info.train_config or {}
-    for key in ('mean', 'std', 'eval_size'):
+    for key in RUN_DATA_SETTINGS[task]:
         value = _find_key(cfg, (key,))
-        if value is not None:
-            model.pretrained_cfg[key] = tuple(value) if isinstance(value, list) else value
+        if key == 'crop_size' and value is not None:
+            info.data_config['input_size'] = (3, int(value), int(value))
+        elif value is not None:
+            info.data_config[key] = tuple(value) if isinstance(value, list) else value
     names = _find_key(cfg, ('class_names',))
     if info.label_names is None and isinstance(names, list):
         info.label_names = [str(n) for n in names]
@@ -261,10 +308,12 @@ def _segmenter_run_settings(model: torch.nn.Module, info: RunInfo) -> None:
 
 # ----------------------------------------------------------------------------------- model card
 
+ARCH_PAPERS = {'deeplabv3': ('deeplabv3',), 'maskrcnn': ('mask_rcnn', 'faster_rcnn', 'fpn'),
+               'fasterrcnn': ('faster_rcnn', 'fpn'), 'tsm': ('tsm',)}  # by the name's first word
+
+
 def _papers_for(arch: str) -> List[str]:
-    keys = ['ws_bcn', 'resnext' if 'resnext' in arch else 'resnet']
-    if arch.startswith('deeplabv3'):
-        keys.insert(1, 'deeplabv3')
+    keys = ['ws_bcn', *ARCH_PAPERS.get(arch.split('_')[0], ()), 'resnext' if 'resnext' in arch else 'resnet']
     if arch.endswith(('_bgn', '_wsbgn')):
         keys.append('bgn')
     if arch.endswith(('_gn', '_wsgn')):
@@ -272,33 +321,57 @@ def _papers_for(arch: str) -> List[str]:
     return keys + ['timm']
 
 
+def _architecture(model: torch.nn.Module, default: str = '') -> str:
+    """A task model's registry name, or a timm model's name without its tag."""
+    cfg = model.pretrained_cfg
+    return cfg['architecture'] if is_task_model(model) else split_model_name_tag(cfg.get('architecture') or default)[0]
+
+
 def _describe(arch: str, task: Optional[str] = None) -> str:
-    if task == SEGMENTATION_TASK:
-        from zoo.segmentation import SEGMENTERS
-        doc = (SEGMENTERS.builder(arch).__doc__ or '').split(' (see')[0].strip().splitlines()
-        return doc[0].rstrip('.') if doc else arch
-    doc = (model_entrypoint(arch).__doc__ or '').strip().splitlines()
+    """The first line of the builder's docstring (a task model's, up to its "(see ...)")."""
+    if task in TASK_KINDS:
+        doc = (TASK_KINDS[task].registry().builder(arch).__doc__ or '').split(' (see')[0].strip().splitlines()
+    else:
+        doc = (model_entrypoint(arch).__doc__ or '').strip().splitlines()
     return doc[0].rstrip('.') if doc else arch
 
 
-TEST_METRICS = {'test/top1': 'top-1 accuracy', 'test/top5': 'top-5 accuracy'}  # logged as fractions
+@dataclass(frozen=True)
+class CardTask:
+    """What the card of a task's model declares: the Hub's pipeline tag and library, tags, and the metrics of its
+    ``model-index`` (logged as fractions, without their ``test/`` / ``val/`` prefix -> metric type and name)."""
+    pipeline_tag: str
+    library: str
+    tags: Tuple[str, ...]
+    metrics: Dict[str, Tuple[str, str]]
 
 
-SEGMENTATION_TEST_METRICS = {'test/miou': ('mean_iou', 'mIoU'), 'test/pixel_acc': ('accuracy', 'pixel accuracy')}
+_ACCURACY = {'top1': ('accuracy', 'top-1 accuracy'), 'top5': ('accuracy', 'top-5 accuracy')}
+CARD_TASKS = {
+    CLASSIFICATION_TASK: CardTask('image-classification', 'timm', ('timm',), _ACCURACY),
+    VIDEO_TASK: CardTask('video-classification', 'timm', ('timm', 'tsm'), _ACCURACY),  # video-level accuracy
+    SEGMENTATION_TASK: CardTask('image-segmentation', 'pytorch', ('deeplabv3', 'semantic-segmentation'),
+                                {'miou': ('mean_iou', 'mIoU'), 'pixel_acc': ('accuracy', 'pixel accuracy')}),
+    DETECTION_TASK: CardTask('object-detection', 'pytorch', ('torchvision', 'fpn'),
+                             {'bbox_map': ('mean_average_precision', 'box mAP'),
+                              'segm_map': ('mean_average_precision', 'mask mAP')}),
+}
+_SPLITS = (('test', 'test/'), ('validation', 'val/'))  # the test metrics, else (a run without a test) validation's
 
 
 def eval_results(repo_id: str, info: RunInfo, task: Optional[str] = None) -> Optional[List[EvalResult]]:
-    """The run's test accuracies (in %) as the card's ``model-index``, which the Hub displays and parses;
-    for a segmenter, its test mIoU and pixel accuracy (task type ``image-segmentation``)."""
-    if task == SEGMENTATION_TASK:
-        task_type, metrics = 'image-segmentation', SEGMENTATION_TEST_METRICS
-    else:
-        task_type, metrics = 'image-classification', {k: ('accuracy', name) for k, name in TEST_METRICS.items()}
-    found = [(k, kind, name) for k, (kind, name) in metrics.items() if isinstance(info.metrics.get(k), float)]
+    """The run's test metrics of the task (:data:`CARD_TASKS`, in %) as the card's ``model-index``, which the Hub
+    displays and parses; a run that logged none has its validation metrics there instead."""
+    card_task = CARD_TASKS[task or CLASSIFICATION_TASK]
+    for split, prefix in _SPLITS:
+        found = [(prefix + k, kind, name) for k, (kind, name) in card_task.metrics.items()
+                 if isinstance(info.metrics.get(prefix + k), float)]
+        if found:
+            break
     if not info.dataset or not found:
         return None
-    return [EvalResult(task_type=task_type, dataset_type=info.dataset, dataset_name=info.dataset,
-                       dataset_split='test', metric_type=kind, metric_name=name,
+    return [EvalResult(task_type=card_task.pipeline_tag, dataset_type=info.dataset, dataset_name=info.dataset,
+                       dataset_split=split, metric_type=kind, metric_name=name,
                        metric_value=round(100 * info.metrics[k], 2)) for k, kind, name in found]
 
 
@@ -328,13 +401,104 @@ def _seed_of(info: RunInfo) -> Optional[int]:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
+ZOO_BLURB = ('wsbcn-zoo, the micro-batch training zoo (Weight\nStandardization, Batch-Channel Normalization, '
+             'Batch Group Normalization)')
+_OFFLINE = 'Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache'
+
+
+def _zoo_usage(repo_id: str, lines: str, extra: str = '') -> str:
+    """A usage block that loads with ``zoo.load_model`` (every check) and runs the model as ``lines`` say."""
+    return f"""```python
+import torch, zoo
+model = zoo.load_model('{repo_id}').eval()   # checks the weights against the digest in config.json
+{lines}
+```
+{_OFFLINE}; a downloaded folder loads with `zoo.load_model(PATH)`.{extra}"""
+
+
+def _classifier_text(model, arch: str, description: str, repo_id: str, info: RunInfo) -> Tuple[str, str, str]:
+    """Intro, input/output lines and usage of an image classifier's card (timm loads it)."""
+    cfg = model.pretrained_cfg
+    intro = f'{description}: a `{arch}` from {ZOO_BLURB} for timm.'
+    io = (f'- **Classes:** {model.num_classes}\n'
+          f"- **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, "
+          f"crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation")
+    usage = f"""```python
+import timm, zoo  # importing zoo registers the architecture in timm
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+data_cfg = timm.data.resolve_data_config(model=model)
+transform = timm.data.create_transform(**data_cfg)
+```
+{_OFFLINE}; `zoo.load_model('{repo_id}')` also checks
+the weights against the digest in `config.json`."""
+    return intro, io, usage
+
+
+def _video_text(model, arch: str, description: str, repo_id: str, info: RunInfo) -> Tuple[str, str, str]:
+    """A video classifier's card: a timm model whose input is a clip of T frames."""
+    cfg, t = model.pretrained_cfg, clip_frames(model)
+    c, h, w = cfg['input_size']
+    labels = f' ({", ".join(info.label_names)})' if info.label_names else ''
+    intro = f'{description}: a `{arch}` video classifier from {ZOO_BLURB} for timm.'
+    io = (f'- **Task:** video classification, a video model taking T = {t} frames: `model(x)` with clips x of shape '
+          f'(N, {c}, {t}, {h}, {w}) gives logits (N, {model.num_classes}); the run scored a video by the mean '
+          f'softmax of its clips\n'
+          f'- **Classes:** {model.num_classes}{labels}\n'
+          f"- **Input:** {t} frames of ({c}, {h}, {w}), each normalized with mean {tuple(cfg['mean'])}, "
+          f"std {tuple(cfg['std'])}")
+    usage = _zoo_usage(repo_id, f"""clip = torch.randn(1, {c}, {t}, {h}, {w})   # (N, C, T, H, W): {t} frames, normalized with the mean / std above
+with torch.no_grad():
+    probs = model(clip).softmax(-1)""", f"\n`timm.create_model('hf-hub:{repo_id}', pretrained=True)` builds it "
+                                          f"too (with `num_segments={t}` from `config.json`).")
+    return intro, io, usage
+
+
+def _segmenter_text(model, arch: str, description: str, repo_id: str, info: RunInfo) -> Tuple[str, str, str]:
+    cfg = model.pretrained_cfg
+    intro = f'{description}: `{arch}` (`zoo.create_segmenter`), a semantic segmenter from {ZOO_BLURB}.'
+    labels = f' ({", ".join(info.label_names)})' if info.label_names else ''
+    eval_size = cfg.get('eval_size')
+    size = f'shorter side resized to {eval_size}' if eval_size else 'full size'
+    io = (f'- **Task:** semantic segmentation (`model(x)[\'out\']`: logits (N, {model.num_classes}, H, W) '
+          f'at the input size)\n'
+          f'- **Classes:** {model.num_classes}{labels}\n'
+          f'- **Input:** RGB, {size} at evaluation, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}')
+    side = eval_size or 128
+    usage = _zoo_usage(repo_id, f"""with torch.no_grad():
+    logits = model(torch.randn(1, 3, {side}, {side}))['out']   # normalized with the mean / std above
+labels = logits.argmax(1)""")
+    return intro, io, usage
+
+
+def _detector_text(model, arch: str, description: str, repo_id: str, info: RunInfo) -> Tuple[str, str, str]:
+    cfg = model.pretrained_cfg
+    masks = model.roi_heads.has_mask()
+    what = 'an instance segmenter (boxes and masks)' if masks else 'an object detector'
+    intro = f'{description}: `{arch}` (`zoo.create_detector`), {what} from {ZOO_BLURB}.'
+    labels = f' ({", ".join(info.label_names)})' if info.label_names else ''
+    mask_out = ', `masks` (n, 1, H, W) probabilities' if masks else ''
+    io = (f'- **Task:** {"instance segmentation" if masks else "object detection"} (`model(images)`: for each '
+          f'image a dict of `boxes` (n, 4) as (x1, y1, x2, y2) in its pixels, `labels`, `scores`{mask_out})\n'
+          f'- **Classes:** {model.num_classes} including the background, label 0{labels}\n'
+          f'- **Input:** a list of RGB images, float (3, H, W) in [0, 1], any size: the model normalizes them '
+          f'(mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}) and resizes them (shorter side '
+          f'{cfg["eval_size"]}, longer side at most {cfg["max_size"]}) itself')
+    usage = _zoo_usage(repo_id, f"""image = torch.rand(3, 480, 640)             # RGB in [0, 1]; normalized and resized by the model
+with torch.no_grad():
+    detections = model([image])[0]          # boxes, labels, scores{', masks' if masks else ''}""")
+    return intro, io, usage
+
+
+CARD_TEXTS = {CLASSIFICATION_TASK: _classifier_text, VIDEO_TASK: _video_text, SEGMENTATION_TASK: _segmenter_text,
+              DETECTION_TASK: _detector_text}
+
+
 def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> ModelCard:
     """The card: what the weights are (description, license, recipe, notes) from their registry entry,
     so card and ``zoo.list_pretrained`` cannot disagree; what the run measured from the run."""
-    cfg = model.pretrained_cfg
-    task = cfg.get('task')
-    segmenter = task == SEGMENTATION_TASK
-    arch = cfg['architecture'] if segmenter else split_model_name_tag(cfg.get('architecture') or repo_id.split('/')[-1])[0]
+    task = model_task(model)
+    card_task = CARD_TASKS[task]
+    arch = _architecture(model, repo_id.split('/')[-1])
     papers = _papers_for(arch)
     results = eval_results(repo_id, info, task)
     entry = _registry_entry(repo_id)
@@ -344,11 +508,9 @@ def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> Mod
     extra = (f'\n- **Recipe:** {entry.recipe}' if entry else '') + (
         f'\n- **Seed:** {seed} (`seed_everything` of the run)' if seed is not None else '')
     notes = ''.join(f'\n- {n}' for n in entry.notes) if entry and entry.notes else ''
-    pipeline_tag = 'image-segmentation' if segmenter else 'image-classification'
     data = ModelCardData(
-        library_name='pytorch' if segmenter else 'timm', license=license_, pipeline_tag=pipeline_tag,
-        tags=[pipeline_tag] + (['deeplabv3', 'semantic-segmentation'] if segmenter else ['timm'])
-        + ['wsbcn-zoo', 'micro-batch-training'],
+        library_name=card_task.library, license=license_, pipeline_tag=card_task.pipeline_tag,
+        tags=[card_task.pipeline_tag, *card_task.tags, 'wsbcn-zoo', 'micro-batch-training'],
         datasets=[info.dataset] if info.dataset else None,
         model_name=repo_id.split('/')[-1] if results else None, eval_results=results)
     n_params = sum(p.numel() for p in model.parameters())
@@ -357,40 +519,8 @@ def build_model_card(model: torch.nn.Module, repo_id: str, info: RunInfo) -> Mod
     train_cfg = yaml.safe_dump(info.train_config, sort_keys=False).strip() if info.train_config else '(not recorded)'
     model_args = json.dumps(getattr(model, '_model_args', {}), sort_keys=True)
     citations = '\n'.join(f'```bibtex\n{PAPERS[k][2]}\n```' for k in papers)
-    if segmenter:
-        intro = (f'{description}: `{arch}` (`zoo.create_segmenter`), a semantic segmenter from wsbcn-zoo, the '
-                 f'micro-batch training zoo (Weight\nStandardization, Batch-Channel Normalization, Batch Group '
-                 f'Normalization).')
-        labels = f' ({", ".join(info.label_names)})' if info.label_names else ''
-        eval_size = cfg.get('eval_size')
-        size = f'shorter side resized to {eval_size}' if eval_size else 'full size'
-        io = (f'- **Task:** semantic segmentation (`model(x)[\'out\']`: logits (N, {model.num_classes}, H, W) '
-              f'at the input size)\n'
-              f'- **Classes:** {model.num_classes}{labels}\n'
-              f'- **Input:** RGB, {size} at evaluation, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}')
-        usage = f"""```python
-import torch, zoo
-model = zoo.load_model('{repo_id}').eval()   # checks the weights against the digest in config.json
-with torch.no_grad():
-    logits = model(torch.randn(1, 3, {eval_size or 128}, {eval_size or 128}))['out']   # normalized with the mean / std above
-labels = logits.argmax(1)
-```
-Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache; a downloaded folder loads with `zoo.load_model(PATH)`."""
-    else:
-        intro = (f'{description}: a `{arch}` from wsbcn-zoo, the micro-batch training zoo (Weight\n'
-                 f'Standardization, Batch-Channel Normalization, Batch Group Normalization) for timm.')
-        io = (f'- **Classes:** {model.num_classes}\n'
-              f"- **Input:** {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}, "
-              f"crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation")
-        usage = f"""```python
-import timm, zoo  # importing zoo registers the architecture in timm
-model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
-data_cfg = timm.data.resolve_data_config(model=model)
-transform = timm.data.create_transform(**data_cfg)
-```
-Offline: `HF_HUB_OFFLINE=1` loads from the Hugging Face cache; `zoo.load_model('{repo_id}')` also checks
-the weights against the digest in `config.json`."""
-    class_iou = _class_iou_table(info) if segmenter else ''
+    intro, io, usage = CARD_TEXTS[task](model, arch, description, repo_id, info)
+    class_iou = _class_iou_table(info) if task == SEGMENTATION_TASK else ''
     content = f"""---
 {data.to_yaml()}
 ---
@@ -430,36 +560,64 @@ the weights against the digest in `config.json`."""
 # ----------------------------------------------------------------------------------- folder and push
 
 def write_folder(model: torch.nn.Module, info: RunInfo, folder: Path, repo_id: str, data_config=None) -> Path:
-    """Weights + config.json (zoo.save_hub_folder), the model card, then a bit-exact reload check."""
+    """Weights + config.json (zoo.save_hub_folder, or the task-model config), the model card, then a bit-exact
+    reload check. ``data_config`` (the command line's mean, std, sizes) wins over the run's (``info.data_config``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    task = model.pretrained_cfg.get('task')
-    arch = model.pretrained_cfg['architecture'] if is_segmenter(model) else split_model_name_tag(
-        model.pretrained_cfg.get('architecture') or '')[0]
-    description = f'{_describe(arch, task)}' + (f', trained on {info.dataset}' if info.dataset else '') + (
+    data_config = dict(info.data_config, **(data_config or {})) or None
+    description = f'{_describe(_architecture(model), model_task(model))}' + (
+        f', trained on {info.dataset}' if info.dataset else '') + (
         f', {info.images_per_device} images per device' if info.images_per_device else '')
-    if is_segmenter(model) and data_config:
-        model.pretrained_cfg.update(data_config)  # the card states what the folder records
-    save = save_hub_segmenter if is_segmenter(model) else zoo.save_hub_folder
+    save = save_hub_task_model if is_task_model(model) else zoo.save_hub_folder
     save(model, folder, label_names=info.label_names, data_config=data_config, pretrained_cfg=dict(description=description))
+    model.pretrained_cfg.update(data_config or {})  # the card states what the folder records
     build_model_card(model, repo_id, info).save(folder / 'README.md')
     check_round_trip(model, folder)
     return folder
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:
-    """Bit-identical outputs: tensors, or a segmenter's ``{'out'[, 'aux']}`` dicts of them."""
+    """Bit-identical outputs: tensors, and dicts and lists of them (a segmenter's ``{'out'[, 'aux']}``, a detector's
+    ``[{'boxes', 'labels', 'scores'[, 'masks']}, ...]``)."""
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_outputs_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_outputs_equal, a, b))
     return torch.equal(a, b)
+
+
+def example_input(model: torch.nn.Module, size: Tuple[int, ...]) -> Any:
+    """A fixed input of the folder's ``input_size`` as the model takes it: two images (2, C, H, W), a video model's
+    clip (1, C, T, H, W), or a detector's list of one image in [0, 1] (it normalizes and resizes it itself)."""
+    g = torch.Generator().manual_seed(0)
+    task = model_task(model)
+    if task == DETECTION_TASK:
+        return [torch.rand(size, generator=g)]
+    if task == VIDEO_TASK:
+        return torch.randn((1, size[0], clip_frames(model)) + tuple(size[1:]), generator=g)
+    return torch.randn((2,) + tuple(size), generator=g)
+
+
+@contextmanager
+def every_detection(*models: torch.nn.Module):
+    """Detectors keep every scored box (score threshold 0): a trained detector may find nothing in noise, and
+    two empty outputs would prove nothing."""
+    heads = [m.roi_heads for m in models if hasattr(m, 'roi_heads')]
+    thresholds = [h.score_thresh for h in heads]
+    for h in heads:
+        h.score_thresh = 0.0
+    try:
+        yield
+    finally:
+        for h, t in zip(heads, thresholds):
+            h.score_thresh = t
 
 
 def check_round_trip(model: torch.nn.Module, folder: Path) -> None:
     """The folder loaded back (with every check) must give the source model's outputs bit for bit on a fixed input
-    (two images of the folder's ``input_size``)."""
+    (:func:`example_input` of the folder's ``input_size``)."""
     reloaded = load_hub_model(str(folder)).eval()
-    size = tuple(reloaded.pretrained_cfg['input_size'])
-    x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    x = example_input(model, tuple(reloaded.pretrained_cfg['input_size']))
+    with torch.no_grad(), every_detection(model, reloaded):
         if not _outputs_equal(model.eval()(x), reloaded(x)):
             raise RuntimeError(f'{folder}: the saved model does not reproduce the source model; not publishing.')
 
@@ -506,6 +664,7 @@ def parse_args(argv=None):
     p.add_argument('--interpolation', default=None)
     p.add_argument('--eval-size', type=int, default=None,
                    help='segmenters: shorter side of evaluation images (default: eval_size of the training config)')
+    # video models: --input-size is a frame's (default: crop_size of the training config); detectors take none of these
     return p.parse_args(argv)
 
 
@@ -516,10 +675,16 @@ def main(argv=None) -> int:
     except (WeightsError, FileNotFoundError, zoo.UnknownModelError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    flags = _data_config(args) or {}
+    if flags and model_task(model) == DETECTION_TASK:
+        print(f'error: {", ".join(sorted(flags))} do not apply to a detector: it normalizes and resizes its images '
+              f'itself (its image_mean, image_std, min_size, max_size model args, recorded in config.json)',
+              file=sys.stderr)
+        return 2
     name = args.repo_id.split('/')[-1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.out or (f'hub_export/{name}' if args.dry_run else Path(tmp) / name))
-        write_folder(model, info, folder, args.repo_id, data_config=_data_config(args))
+        write_folder(model, info, folder, args.repo_id, data_config=flags)
         print(f'wrote {folder}: {WEIGHTS_NAME}, {CONFIG_NAME}, README.md (reload check passed)')
         if args.dry_run:
             print('dry run: nothing pushed')
