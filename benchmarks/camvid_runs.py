@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from cifar_runs import Queue, main as queue_main  # a sibling script: on the path when run as one
 
 CAMVID = Path('../shared/data/camvid')
-DEFAULT_CONFIGS = [f'configs/segmentation/camvid_r18_{name}.yaml' for name in ('wsbcn', 'bn_b8', 'bn', 'wsgn')]
+DEFAULT_CONFIGS = [f'configs/segmentation/camvid_r18_{name}.yaml' for name in ('wsbcn', 'bn_b8', 'bn', 'wsgn', 'gn', 'bgn')]
 PICTURE_FRAMES = ('0001TP_008550', '0001TP_010320', 'Seq05VD_f01710', 'Seq05VD_f03510')  # test frames 0, 60, 120, 180
 PICTURES = 'pictures'  # in the run folder: masks/<frame>.png (class indices, CamVid colours in the picture)
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import zoo
-from zoo.layers import WS_FORMULAS, BatchChannelNorm2d, EstimatedBatchNorm2d, WSConv2d
+from zoo.layers import WS_FORMULAS, BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2d, WSConv2d
+from zoo.models._variants import NORM_VARIANTS
 from zoo.segmentation import backbone_variant, build_deeplabv3
 
 NAMES = zoo.list_segmenters()
@@ -19,7 +20,7 @@ def _kwargs(name):
 
 def test_registry_names_and_close_match_error():
     for arch in ('resnet18', 'resnet50', 'resnet101'):
-        assert {f'deeplabv3_{arch}', f'deeplabv3_{arch}_wsgn', f'deeplabv3_{arch}_wsbcn'} <= set(NAMES)
+        assert {f'deeplabv3_{arch}{v}' for v in ('', '_wsgn', '_wsbcn', '_gn', '_bgn')} <= set(NAMES)
     with pytest.raises(zoo.UnknownModelError, match='deeplabv3_resnet101_wsbcn'):
         zoo.create_segmenter('deeplabv3_resnet101_wsbnc')
 
@@ -50,8 +51,11 @@ def test_forward_backward_batch1_train(name):
         assert len(plain) == len(head_convs)
         assert isinstance(model.classifier[0].convs[4][2], nn.BatchNorm2d)
     else:
-        assert plain == [model.classifier[4], model.aux_classifier[4]]
+        ws = NORM_VARIANTS[variant].ws  # GN and BGN as their papers: plain convs
+        assert plain == ([model.classifier[4], model.aux_classifier[4]] if ws else head_convs)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        norm = {'gn': nn.GroupNorm, 'bgn': BatchGroupNorm2d, 'bcn': BatchChannelNorm2d}[NORM_VARIANTS[variant].norm]
+        assert isinstance(model.classifier[0].convs[4][2], norm) and isinstance(model.backbone.body.bn1, norm)
     if variant == 'wsbcn':
         pool_norm = model.classifier[0].convs[4][2]
         assert isinstance(pool_norm, BatchChannelNorm2d) and isinstance(pool_norm.bn, EstimatedBatchNorm2d)

@@ -48,7 +48,7 @@ SEGMENTERS = TaskRegistry('segmenter', 'zoo.list_segmenters()')
 # Registered as deeplabv3_<arch>[_<variant>]; any other backbone: build_deeplabv3(backbone=...) or
 # the generic name 'deeplabv3' with backbone=....
 SEGMENTER_ARCHS = ('resnet18', 'resnet50', 'resnet101')
-SEGMENTER_VARIANTS = ('', 'wsgn', 'wsbcn')  # '' = the BN baseline
+SEGMENTER_VARIANTS = ('', 'wsgn', 'wsbcn', 'gn', 'bgn')  # '' = the BN baseline; GN and BGN without WS, as their papers
 ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 
 
