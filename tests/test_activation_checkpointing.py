@@ -6,12 +6,7 @@ statistic and BCN estimate exactly once (and all-reduces once), replays the rand
 the state-dict keys, and a run killed and resumed through zoo-train ends bit-identical.
 """
 import copy
-import json
-import os
 import pickle
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +24,6 @@ from zoo.layers import BatchChannelNorm2d, BatchGroupNorm2d, EstimatedBatchNorm2
 from zoo.layers.activation_checkpoint import (
     CheckpointedSequential, activation_checkpointing, checkpoint_module, recomputing, set_activation_checkpointing)
 
-REPO = Path(__file__).resolve().parents[1]
 SHALLOW = dict(layers=(1, 1, 1, 1))  # ImageNet ResNets with one block per stage: fast on CPU
 DETECTOR_SMALL = dict(min_size=64, max_size=64, rpn_pre_nms_top_n_train=32, rpn_post_nms_top_n_train=8,
                       box_batch_size_per_image=8, rpn_batch_size_per_image=16)
@@ -404,37 +398,23 @@ data:
     return cfg
 
 
-def _zoo_train(tmp: Path, cfg: Path, ckpt_dir: Path, checkpoint_stages: bool, kill_at: int = -1, resume: bool = False):
-    callbacks = json.dumps([
-        {'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint',
-         'init_args': {'dirpath': str(ckpt_dir), 'save_last': True, 'every_n_train_steps': 1}},
-        {'class_path': 'test_resume_cifar.KillAfterCheckpoint', 'init_args': {'step': kill_at}},
-    ])
+def _resume_args(cfg: Path, checkpoint_stages: bool) -> list:
     kwargs = '{drop_path_rate: 0.2, drop_rate: 0.2' + (', checkpoint_stages: true}' if checkpoint_stages else '}')
-    cmd = [sys.executable, '-m', 'lightning_modules', 'fit', '-c', str(cfg), '--trainer.callbacks', callbacks,
-           '--model.init_args.model_kwargs', kwargs] + (['--ckpt_path', 'last'] if resume else [])
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(REPO / 'tests'), str(REPO), os.environ.get('PYTHONPATH', '')]))
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    return ['-c', cfg, '--model.init_args.model_kwargs', kwargs]
 
 
 def test_checkpointed_run_killed_and_resumed_through_zoo_train_is_bit_identical(tmp_path):
     """``model_kwargs: {checkpoint_stages: true}`` through the CLI, drop-path and dropout on: a run killed
     (SIGKILL after a checkpoint) and resumed ends as the uninterrupted one, and as a run without checkpointing."""
     from test_data import make_image_folder
-    from test_resume_cifar import _assert_same_training_state
+    from resume_helpers import assert_same_training_state, interrupted_run, uninterrupted_run
     data = make_image_folder(tmp_path / 'data', per_class=4)  # 12 images, 4 per step: 3 steps per epoch
     cfg = _resume_config(tmp_path, data, 'run')
-    run, ref, plain = tmp_path / 'run', tmp_path / 'ref', tmp_path / 'plain'
-    res = _zoo_train(tmp_path, cfg, run, True, kill_at=KILL_AT)
-    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
-    for out, ckpt, resume in ((run, True, True), (ref, True, False), (plain, False, False)):
-        res = _zoo_train(tmp_path, cfg, out, ckpt, resume=resume)
-        assert res.returncode == 0, res.stderr[-3000:]
-    load = lambda d: torch.load(d / 'last.ckpt', map_location='cpu', weights_only=True)  # noqa: E731
-    resumed, uninterrupted, unchecked = load(run), load(ref), load(plain)
+    resumed, _, _ = interrupted_run(tmp_path / 'run', *_resume_args(cfg, True), kills=(KILL_AT,))
+    uninterrupted = uninterrupted_run(tmp_path / 'ref', *_resume_args(cfg, True))
+    unchecked = uninterrupted_run(tmp_path / 'plain', *_resume_args(cfg, False))
     assert uninterrupted['global_step'] == RESUME_STEPS
     assert 'checkpoint_stages' in str(uninterrupted['hyper_parameters']) and 'checkpoint_stages' not in str(
         unchecked['hyper_parameters'])
-    _assert_same_training_state(resumed, uninterrupted)
-    _assert_same_training_state(uninterrupted, unchecked)
+    assert_same_training_state(resumed, uninterrupted)
+    assert_same_training_state(uninterrupted, unchecked)

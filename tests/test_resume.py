@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,9 +12,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules import ImageClassifier, NonFiniteLossError
+from resume_helpers import (assert_same_training_state, load_checkpoint as _load, zoo_env, zoo_train,
+                            zoo_train_command)
 from test_data import make_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 16  # 6 batches per epoch: crosses two epoch boundaries
 
 
@@ -54,30 +54,13 @@ data:
     return cfg
 
 
-def _cmd(cfg: Path, *extra: str):
-    return [sys.executable, '-m', 'lightning_modules', 'fit', '-c', str(cfg), *extra]
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / 'tests'), str(REPO), os.environ.get('PYTHONPATH', '')]))
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _run(cmd, cwd):
-    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=8)  # 24 images, 4 per step: 6 steps per epoch
     ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
     ref_cfg, run_cfg = _config(tmp_path, data, ref_dir), _config(tmp_path, data, run_dir)
 
     # The interrupted run: SIGKILL as soon as its last checkpoint is mid-epoch, after the first epoch.
-    proc = subprocess.Popen(_cmd(run_cfg), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(zoo_train_command('-c', run_cfg), cwd=tmp_path, env=zoo_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     killed_at = None
     deadline = time.time() + 300
@@ -99,16 +82,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert killed_at < MAX_STEPS
 
-    # Restart: the same command plus --ckpt_path last.
-    _run(_cmd(run_cfg, '--ckpt_path', 'last'), tmp_path)
-    # The uninterrupted reference.
-    _run(_cmd(ref_cfg), tmp_path)
+    # Restart: the same command plus --ckpt_path last; then the uninterrupted reference.
+    for cfg, resume in ((run_cfg, True), (ref_cfg, False)):
+        res = zoo_train(tmp_path, '-c', cfg, resume=resume)
+        assert res.returncode == 0, res.stderr[-3000:]
 
     resumed, ref = _load(run_dir / 'last.ckpt'), _load(ref_dir / 'last.ckpt')
     assert resumed['global_step'] == ref['global_step'] == MAX_STEPS
-    changed = 0
-    for key, value in ref['state_dict'].items():
-        torch.testing.assert_close(resumed['state_dict'][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_training_state(resumed, ref)  # bit-identical
     start = ImageClassifier('resnet20_wsbcn', num_classes=3).state_dict()
     assert any(not torch.equal(start[k], v) for k, v in ref['state_dict'].items() if k in start)
 

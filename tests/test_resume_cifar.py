@@ -9,11 +9,6 @@ real ``Cifar10DataModule`` with its 8 virtual devices and its loader workers, wi
 dropout on: they draw from the global generator, so a resume that restored it at the wrong moment
 (before the loader's own draws) replayed other draws and ended with other weights.
 """
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,85 +17,32 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_modules import Cifar10DataModule, ImageClassifier
+from resume_helpers import REPO, assert_same_training_state, interrupted_run, uninterrupted_run
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / 'configs' / 'cifar10' / 'quickstart.yaml'
+CKPT_DIR = 'runs/quickstart/checkpoints'  # the config's
 PER_CLASS = 20  # 200 images / (2 images x 8 devices) = 12 steps per epoch
 MAX_STEPS = 30  # crosses two epoch boundaries
 KILLS = (5, 12, 17)  # a checkpoint is written at these steps, then the run dies: in epoch 0, at its end, in epoch 1
 
 
-class KillAfterCheckpoint(pl.Callback):
-    """SIGKILLs its own process when training reaches ``step`` (whose checkpoint is already on disk)."""
-
-    def __init__(self, step: int = -1):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _callbacks(kill_at: int = -1) -> str:
-    return json.dumps([
-        {'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint',
-         'init_args': {'dirpath': 'runs/quickstart/checkpoints', 'save_last': True, 'every_n_train_steps': 1}},
-        {'class_path': 'test_resume_cifar.KillAfterCheckpoint', 'init_args': {'step': kill_at}},
-    ])
-
-
-def _zoo_train(cwd: Path, kill_at: int = -1, resume: bool = False, workers: int = 1) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, '-m', 'lightning_modules', 'fit', '-c', str(CONFIG),
-           '--trainer.max_steps', str(MAX_STEPS), '--trainer.logger', 'false', '--trainer.enable_progress_bar', 'false',
-           '--trainer.callbacks', _callbacks(kill_at), '--test_after_fit', 'false',
-           '--data.init_args.train_per_class', str(PER_CLASS), '--model.init_args.ema_decay', '0.9',
-           '--model.init_args.model_kwargs', '{drop_path_rate: 0.2, drop_rate: 0.2}',
-           '--data.init_args.num_workers', str(workers)]
-    if resume:
-        cmd += ['--ckpt_path', 'last']
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(REPO / 'tests'), str(REPO), os.environ.get('PYTHONPATH', '')]))
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _last(cwd: Path) -> dict:
-    return torch.load(cwd / 'runs/quickstart/checkpoints/last.ckpt', map_location='cpu', weights_only=True)
-
-
-def _assert_same_training_state(resumed: dict, ref: dict) -> None:
-    assert resumed['global_step'] == ref['global_step']
-    assert resumed['state_dict'].keys() == ref['state_dict'].keys()
-    for key, value in ref['state_dict'].items():  # weights, BCN estimates and the EMA copy (ema.*)
-        assert torch.equal(resumed['state_dict'][key], value), key
-    assert any(k.startswith('ema.') for k in ref['state_dict'])
-    for r_opt, o_opt in zip(resumed['optimizer_states'], ref['optimizer_states'], strict=True):
-        assert r_opt['param_groups'] == o_opt['param_groups']
-        for i, state in o_opt['state'].items():
-            for name, value in state.items():
-                assert torch.equal(torch.as_tensor(r_opt['state'][i][name]), torch.as_tensor(value)), (i, name)
-    assert resumed['lr_schedulers'] == ref['lr_schedulers']
-    for name in ('torch', 'python'):  # what the next step's dropout / drop-path draws from
-        r, o = resumed['rng_states'][name], ref['rng_states'][name]
-        assert (torch.equal(r, o) if isinstance(o, torch.Tensor) else r == o), name
+def _args(workers: int) -> list:
+    return ['-c', CONFIG, '--trainer.max_steps', str(MAX_STEPS), '--trainer.logger', 'false',
+            '--trainer.enable_progress_bar', 'false', '--test_after_fit', 'false',
+            '--data.init_args.train_per_class', str(PER_CLASS), '--model.init_args.ema_decay', '0.9',
+            '--model.init_args.model_kwargs', '{drop_path_rate: 0.2, drop_rate: 0.2}',
+            '--data.init_args.num_workers', str(workers)]
 
 
 @pytest.mark.parametrize('workers', [1, 0], ids=['config-workers', 'no-workers'])
 def test_quickstart_config_killed_in_two_epochs_resumes_bit_identical(tmp_path, workers):
     """With the config's loader worker, and without (each epoch's new loader iterator then draws its seed:
     from the loader's own generator, not the global one that dropout draws from)."""
-    ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
-    for kill_at in KILLS:
-        res = _zoo_train(run_dir, kill_at=kill_at, resume=kill_at != KILLS[0], workers=workers)
-        assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
-        assert _last(run_dir)['global_step'] == kill_at
-    res = _zoo_train(run_dir, resume=True, workers=workers)
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = _zoo_train(ref_dir, workers=workers)
-    assert res.returncode == 0, res.stderr[-3000:]
-    resumed, ref = _last(run_dir), _last(ref_dir)
+    resumed, _, _ = interrupted_run(tmp_path / 'run', *_args(workers), kills=KILLS, dirpath=CKPT_DIR)
+    ref = uninterrupted_run(tmp_path / 'ref', *_args(workers), dirpath=CKPT_DIR)
     assert ref['global_step'] == MAX_STEPS
-    _assert_same_training_state(resumed, ref)
+    assert any(k.startswith('ema.') for k in ref['state_dict'])  # the EMA copy is compared too
+    assert_same_training_state(resumed, ref)
 
 
 class _RestoreAfterSetup(SingleDeviceStrategy):
