@@ -89,6 +89,9 @@ def _coco_subset(path: Path, images: int) -> Path:
     return path
 
 
+# slow: the longest of the three (366 MB Mask R-CNN R-50 checkpoints); the default run keeps the module-level
+# detection resume test (tests/test_detection_module.py) and the shared core this one exercises.
+@pytest.mark.slow
 @pytest.mark.skipif(not (COCO_MINI / 'annotations').is_dir(), reason='../shared/data/coco-mini is not here')
 def test_coco_mini_detection_config_killed_mid_epoch_resumes_bit_identical(tmp_path):
     """The coco-mini Mask R-CNN R-50-FPN WS+BCN config (1 loader worker, random region sampling) on its first 4
