@@ -53,3 +53,23 @@ def test_one_error_type_that_names_the_file(tmp_path):
         load_backbone_weights(zoo.create_model('resnet20'), tmp_path / 'missing.ckpt')
     with pytest.raises(WeightsError, match='No state dict found'):
         unwrap_checkpoint({'state_dict': {}})
+
+
+def _fit_loop(epochs_started: int, epochs_processed: int, batches_ready: int, batches_processed: int, last: bool):
+    return {'loops': {'fit_loop': {
+        'epoch_progress': {'current': {'ready': epochs_started, 'started': epochs_started,
+                                       'processed': epochs_processed, 'completed': epochs_processed}},
+        'epoch_loop.batch_progress': {'current': {'ready': batches_ready, 'processed': batches_processed},
+                                      'is_last_batch': last}}}}
+
+
+@pytest.mark.parametrize('state,epochs', [
+    # every_n_train_steps landing on the run's last step (a CamVid run: 50 epochs of 46 steps, saved at step 2300)
+    (_fit_loop(50, 49, 46, 46, True), 50),
+    (_fit_loop(50, 49, 46, 20, False), 49),  # killed mid-epoch: 49 whole epochs
+    (_fit_loop(50, 50, 46, 46, True), 50),  # saved after the epoch's end: counted once
+    ({'epoch': 3}, None),  # no loop state: unknown (the card then falls back to epoch + 1)
+])
+def test_epochs_completed_counts_an_epoch_whose_last_batch_was_trained(state, epochs):
+    from zoo.hub.lightning import _epochs_completed
+    assert _epochs_completed(state) == epochs

@@ -19,6 +19,7 @@ A block without a marker always runs: needing a file that no block makes (a trai
 photo) is a failure of the docs, not a reason to skip. Files a block writes into the repository
 root (names it spells out, that did not exist before) are deleted after it ran.
 """
+import importlib
 import os
 import re
 import subprocess
@@ -181,14 +182,16 @@ def test_readme_keeps_its_two_setup_commands_first():
         '```']
 
 
-def test_readme_cifar_prose_quotes_gaps_from_the_table():
-    """A gap to large-batch BN written in the prose (``-0.74``) must be one the generated table shows: the
-    prose once kept a gap against an older baseline mean after the table was regenerated."""
-    from cifar_results import README_END, README_START
+@pytest.mark.parametrize('results,heading', [('cifar_results', '## CIFAR-10'), ('camvid_results', '## CamVid')])
+def test_readme_prose_quotes_gaps_and_means_from_the_table(results, heading):
+    """A gap to large-batch BN written in the prose (``-0.74``) and a mean with its spread (``35.08% ± 0.24``)
+    must be ones the generated table shows: the prose once kept a gap against an older baseline mean after the
+    table was regenerated."""
+    module = importlib.import_module(results)
     text = (REPO / 'README.md').read_text()
-    table = text.split(README_START, 1)[1].split(README_END, 1)[0]
-    section = _section(text, '## CIFAR-10')
-    prose = section.replace(table, '')
-    gaps = re.findall(r'(?<![\w.])[+-]\d+\.\d\d\b', prose)
-    missing = [g for g in gaps if g not in table]
-    assert not missing, f'gaps in the README prose that the CIFAR table does not show: {missing}'
+    table = text.split(module.README_START, 1)[1].split(module.README_END, 1)[0]
+    prose = _section(text, heading).replace(table, '')
+    quoted = re.findall(r'(?<![\w.])[+-]\d+\.\d\d\b', prose)
+    quoted += [f'{m} ± {s}' for m, s in re.findall(r'(\d+\.\d\d)%? ± (\d+\.\d\d)', prose)]
+    missing = [q for q in quoted if q not in table]
+    assert not missing, f'numbers in the README\'s {heading} prose that its table does not show: {missing}'

@@ -45,9 +45,19 @@ class LightningCheckpoint:
 
 
 def _epochs_completed(ckpt: Mapping[str, Any]) -> Optional[int]:
-    """Whole epochs trained, from the fit loop's progress (``epoch`` alone is off by one after fit)."""
+    """Whole epochs trained, from the fit loop's progress (``epoch`` alone is off by one after fit).
+
+    A checkpoint written at the last training batch of an epoch (``every_n_train_steps`` landing on the run's
+    last step) precedes that epoch's count: its batch progress says the epoch's batches were all processed."""
     try:
-        return int(ckpt['loops']['fit_loop']['epoch_progress']['current']['processed'])
+        fit = ckpt['loops']['fit_loop']
+        epochs = fit['epoch_progress']['current']
+        done = int(epochs['processed'])
+        batches = fit.get('epoch_loop.batch_progress') or {}
+        in_epoch = int(epochs['started']) > done
+        if in_epoch and batches.get('is_last_batch') and batches['current']['processed'] == batches['current']['ready']:
+            done += 1  # its last batch was trained; only the epoch-end bookkeeping was still to come
+        return done
     except (KeyError, TypeError, ValueError):
         return None
 
