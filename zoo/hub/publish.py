@@ -240,7 +240,7 @@ def load_source(args) -> Tuple[torch.nn.Module, RunInfo]:
             info.metrics.setdefault('epochs', ckpt.epochs_completed)
         elif ckpt.epoch is not None:
             info.metrics.setdefault('epochs', ckpt.epoch + 1)
-        if ckpt.global_step:  # a checkpoint written at the last step precedes its epoch's count: the steps say it
+        if ckpt.global_step:  # the steps too: epochs of different lengths (drop_last, padded devices) differ in steps
             info.metrics.setdefault('optimizer steps', ckpt.global_step)
         cfg_file = _log_dir_file(src, ('config.yaml', 'hparams.yaml'))
         info.train_config = _read_config_file(cfg_file) if cfg_file else ckpt.hparams
