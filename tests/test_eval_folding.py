@@ -219,8 +219,8 @@ def test_detector_backbone_and_segmenter_fold_in_eval(monkeypatch):
     torch.manual_seed(0)
     detector = zoo.create_detector('fasterrcnn_resnet50_fpn_wsbcn', num_classes=3, min_size=128, max_size=128).eval()
     segmenter = zoo.create_segmenter('deeplabv3_resnet18_wsbcn', num_classes=3).eval()
-    # Unfolded: in DeepLab, ASPP's image-pooling branch (a Sequential subclass with its own forward).
-    cases = ((detector.backbone, torch.randn(1, 3, 128, 128), 0), (segmenter, torch.randn(1, 3, 96, 96), 1))
+    # Folded too: in DeepLab, ASPP's image-pooling branch (a Sequential subclass whose forward runs it in order).
+    cases = ((detector.backbone, torch.randn(1, 3, 128, 128), 0), (segmenter, torch.randn(1, 3, 96, 96), 0))
     for model, x, unfolded in cases:
         with torch.enable_grad():
             ref = model(x)

@@ -21,6 +21,17 @@ def list_models(filter: str = '', pretrained: bool = False) -> list:
     return [n for n in names if n.split('.')[0] in zoo_names]
 
 
+def _refuse_task_model(name: str) -> None:
+    """A segmenter's or detector's name passed to ``create_model``: say which function builds it."""
+    from .detection import list_detectors  # imported here: the task packages import this module
+    from .segmentation import list_segmenters
+    for task, names, create in (('segmenter', list_segmenters(), 'create_segmenter'),
+                                ('detector', list_detectors(), 'create_detector')):
+        if name in names:
+            raise UnknownModelError(f'{name!r} is a {task}, not a timm model: build it with zoo.{create}({name!r}, '
+                                    f'num_classes=...), or load a trained one with zoo.load_model(PATH_OR_HUB_ID)')
+
+
 def create_model(model_name: str, pretrained: bool = False, **kwargs):
     """Create any zoo or timm model; an unknown name raises :class:`UnknownModelError`.
 
@@ -33,6 +44,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs):
     if not model_name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
         arch, _ = split_model_name_tag(model_name)
         if not is_model(arch):
+            _refuse_task_model(model_name)
             close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
             hint = f' Close matches: {", ".join(close)}.' if close else ''
             raise UnknownModelError(

@@ -9,7 +9,12 @@ with fixed statistics folded in, BCN's channel stage as GroupNorm), with a dynam
 images from the shared data) with the model's own preprocessing, and its outputs are compared
 with the original PyTorch model's: the max difference is printed, and an export that differs by
 more than ``--tolerance`` (relative to the largest output) is not written (exit status 1).
-For a video (TSM) model, the images are the frames of two clips. ``--out`` is checked first: a
+For a video (TSM) model, the images are the frames of two clips. A segmenter (DeepLabV3, by name
+or from a checkpoint or Hub folder) is exported as a model that maps images to logits at the input's
+size, ``(N, num_classes, H, W)`` (the ``'out'`` of its dict); its check images get its evaluation
+preprocessing (shorter side resized to ``eval_size``, no crop) and must come out at one size, which
+the export then expects (the batch size stays dynamic). Detectors take lists of images and return
+lists of dicts: they are refused with a pointer to torchvision's own export. ``--out`` is checked first: a
 directory, or a place where no file can be made, fails before anything is built; errors name ``--out``.
 
 ONNX needs the ``onnx`` extra (``pip install wsbcn-zoo[onnx]``: onnx, onnxscript, onnxruntime).
@@ -24,7 +29,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.segmentation import DeepLabV3
 
 import zoo
 from zoo.models.tsm import TSMResNet
@@ -33,8 +40,8 @@ from ..classification.data import prepare_cifar10
 from .datasets import load_rgb
 from .predict import IMAGE_EXTENSIONS, list_inputs
 
-__all__ = ['FORMATS', 'ExportMismatchError', 'load_source', 'real_batch', 'check_output_path', 'export_checked',
-           'main']
+__all__ = ['FORMATS', 'ExportMismatchError', 'SegmentationLogits', 'load_source', 'real_batch', 'check_output_path',
+           'export_checked', 'main']
 
 FORMATS = ('onnx', 'torchscript', 'exported')
 FORMAT_NAMES = {'onnx': 'ONNX export', 'torchscript': 'TorchScript export', 'exported': 'torch.export program'}
@@ -47,6 +54,26 @@ class ExportMismatchError(RuntimeError):
     """The export's outputs differ from the PyTorch model's by more than the tolerance."""
 
 
+class SegmentationLogits(nn.Module):
+    """A segmenter as ``images -> logits (N, num_classes, H, W)``: its ``'out'``, a tensor an export can return."""
+
+    def __init__(self, segmenter: nn.Module):
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmenter(x)['out']
+
+
+def _refuse_detector(model: nn.Module, source: str) -> None:
+    if isinstance(model, GeneralizedRCNN):
+        raise ValueError(
+            f'{source} is a detector ({type(model).__name__}): it takes a list of images and returns a list of dicts, '
+            f'which zoo-export does not export. zoo-export exports classifiers, video models and segmenters; for a '
+            f'detector, export zoo.export_for_inference(model) with torchvision\'s detection ONNX recipe '
+            f'(torch.onnx.export on a list of images).')
+
+
 def load_source(source: str, pretrained: bool = False) -> nn.Module:
     """A model name (``resnet20_wsbcn``, or with a weight tag: ``resnet20_wsbcn.cifar10``), or a saved model.
 
@@ -54,10 +81,37 @@ def load_source(source: str, pretrained: bool = False) -> nn.Module:
     with :func:`zoo.load_model`; a tagged name loads its weights, a plain name only with ``pretrained``.
     """
     if Path(source).exists() or ':' in source or '/' in source:
-        return zoo.load_model(source)
-    if Path(source).suffix.lower() in _WEIGHT_SUFFIXES:
+        model = zoo.load_model(source)
+    elif Path(source).suffix.lower() in _WEIGHT_SUFFIXES:
         raise FileNotFoundError(f'checkpoint {source} does not exist')
-    return zoo.create_model(source, pretrained=pretrained or '.' in source)
+    elif source in zoo.list_segmenters() or source in zoo.list_detectors():
+        if pretrained:
+            raise ValueError(f'{source} has no weights by name: export its Lightning checkpoint or Hub folder '
+                             f'(zoo-export runs/.../last.ckpt ...), or leave out --pretrained for random weights')
+        model = (zoo.create_segmenter if source in zoo.list_segmenters() else zoo.create_detector)(source)
+    else:
+        model = zoo.create_model(source, pretrained=pretrained or '.' in source)
+    _refuse_detector(model, source)
+    return model
+
+
+def _segmenter_batch(model: nn.Module, paths: Sequence[Path]) -> torch.Tensor:
+    """Images preprocessed as the segmenter is evaluated (its ``pretrained_cfg`` mean, std and
+    ``eval_size``; ImageNet statistics and full size without one), all at one size."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from ..segmentation.transforms import eval_image_transform
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    transform = eval_image_transform(cfg.get('eval_size'), cfg.get('mean', IMAGENET_DEFAULT_MEAN),
+                                     cfg.get('std', IMAGENET_DEFAULT_STD))
+    images = [transform(tv_tensors.Image(pil_to_tensor(load_rgb(p)))).as_subclass(torch.Tensor) for p in paths]
+    sizes = {tuple(im.shape[-2:]) for im in images}
+    if len(sizes) > 1:
+        listed = ', '.join(f'{p} ({im.shape[-2]}x{im.shape[-1]})' for p, im in zip(paths, images))
+        raise ValueError(f'the check images of a segmenter must come out at one size (the export is fixed to it), '
+                         f'got {listed} after resizing; pass images of one size')
+    return torch.stack(images)
 
 
 def _default_images(n: int = DEFAULT_IMAGES) -> List[Path]:
@@ -70,7 +124,8 @@ def real_batch(model: nn.Module, images: Optional[Sequence[str]] = None) -> torc
     """Images (files, a folder or a list file; default: CIFAR-10 test images) preprocessed as ``model`` expects.
 
     A batch ``(N, C, H, W)``; for a video model two clips ``(2, C, T, H, W)`` whose T frames are the
-    images in turn (the second clip starting at the second image).
+    images in turn (the second clip starting at the second image); for a segmenter its evaluation
+    preprocessing (no crop), the images at one size.
     """
     if not images:
         paths = _default_images()
@@ -78,6 +133,8 @@ def real_batch(model: nn.Module, images: Optional[Sequence[str]] = None) -> torc
         paths = list_inputs(images[0], IMAGE_EXTENSIONS)
     else:
         paths = list_inputs(list(images), IMAGE_EXTENSIONS)
+    if isinstance(model, DeepLabV3):
+        return _segmenter_batch(model, paths)
     transform = create_transform(**resolve_data_config(model=model))
     frames = torch.stack([transform(load_rgb(p)) for p in paths])
     if isinstance(model, TSMResNet):
@@ -172,8 +229,11 @@ def export_checked(model: nn.Module, x: torch.Tensor, fmt: str, out: Path, toler
     tmp = _temp_file(out, fmt)
     try:
         model = model.eval()
-        expected = model(x)
+        _refuse_detector(model, 'the model')
         deployable = zoo.export_for_inference(model)
+        if isinstance(model, DeepLabV3):
+            model, deployable = SegmentationLogits(model).eval(), SegmentationLogits(deployable).eval()
+        expected = model(x)
         example = x if len(x) > 1 else torch.cat([x, x])  # a batch of one would fix the batch size at 1
         try:
             run = _EXPORTERS[fmt](deployable, example, tmp)

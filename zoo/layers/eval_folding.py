@@ -9,8 +9,8 @@ How it is kept safe:
 
 - A model turns it on for one forward call (:func:`fold_conv_norms`) and only for ``(conv, BCN)``
   pairs whose structure guarantees that the norm is the conv's only consumer (adjacent in an
-  ``nn.Sequential``, ``convK -> bnK`` in timm's own BasicBlock / Bottleneck, the stem of a timm
-  ResNet), found after every ``train()`` / ``eval()`` and checked at every call, so a module
+  ``nn.Sequential`` or in torchvision's ``ASPPPooling``, ``convK -> bnK`` in timm's own BasicBlock /
+  Bottleneck, the stem of a timm ResNet), found after every ``train()`` / ``eval()`` and checked at every call, so a module
   replaced after construction is never folded into.
 - The conv marks its folded output; the BCN drops its batch stage only for that very tensor.
 - The fold map and the marks are thread-local, so concurrent inference threads on one model do
@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from timm.models._features import FeatureDictNet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.segmentation.deeplabv3 import ASPPPooling
 
 __all__ = ['FoldsConvNormsInEval', 'conv_norm_pairs', 'fold_conv_norms', 'folding_applies', 'folds_in_eval']
 
@@ -39,14 +40,15 @@ def conv_norm_pairs(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str]]:
     """``(parent, conv_name, norm_name)`` where the norm is the only consumer of the conv's output.
 
     Known structures only, and only where the class runs their own ``forward``: adjacent modules
-    of an ``nn.Sequential`` (downsample, deep stems, torchvision's ``Conv2dNormActivation``) or of
-    timm's ``features_only`` wrappers (a conv whose output is not one of the returned features),
+    of an ``nn.Sequential`` (downsample, deep stems, torchvision's ``Conv2dNormActivation``), of
+    torchvision's ``ASPPPooling`` (a Sequential run in order, then upsampled), or of timm's
+    ``features_only`` wrappers (a conv whose output is not one of the returned features),
     ``convK -> bnK`` in timm's BasicBlock / Bottleneck, and the stem ``conv1 -> bn1`` of a timm
     ResNet (the zoo's ImageNet, CIFAR and TSM ResNets are subclasses that keep that stem).
     """
     for parent in model.modules():
         forward = type(parent).forward
-        sequential = isinstance(parent, nn.Sequential) and forward is nn.Sequential.forward
+        sequential = isinstance(parent, nn.Sequential) and forward in (nn.Sequential.forward, ASPPPooling.forward)
         features = isinstance(parent, FeatureDictNet) and type(parent)._collect is FeatureDictNet._collect
         if sequential or features:
             names = list(parent._modules)
