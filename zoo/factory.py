@@ -29,7 +29,7 @@ def _refuse_task_model(name: str) -> None:
                                 ('detector', list_detectors(), 'create_detector')):
         if name in names:
             raise UnknownModelError(f'{name!r} is a {task}, not a timm model: build it with zoo.{create}({name!r}, '
-                                    f'num_classes=...), or load a trained one with zoo.load_model(PATH_OR_HUB_ID)')
+                                    f'num_classes=...), or load trained weights with zoo.load_model(PATH_OR_HUB_ID)')
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs):
@@ -44,7 +44,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs):
     if not model_name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
         arch, _ = split_model_name_tag(model_name)
         if not is_model(arch):
-            _refuse_task_model(model_name)
+            _refuse_task_model(arch)
             close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
             hint = f' Close matches: {", ".join(close)}.' if close else ''
             raise UnknownModelError(

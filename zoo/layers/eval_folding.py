@@ -9,9 +9,9 @@ How it is kept safe:
 
 - A model turns it on for one forward call (:func:`fold_conv_norms`) and only for ``(conv, BCN)``
   pairs whose structure guarantees that the norm is the conv's only consumer (adjacent in an
-  ``nn.Sequential`` or in torchvision's ``ASPPPooling``, ``convK -> bnK`` in timm's own BasicBlock /
-  Bottleneck, the stem of a timm ResNet), found after every ``train()`` / ``eval()`` and checked at every call, so a module
-  replaced after construction is never folded into.
+  ``nn.Sequential`` or in torchvision's ``ASPPPooling``, ``convK -> bnK`` in timm's own
+  BasicBlock / Bottleneck, the stem of a timm ResNet), found after every ``train()`` / ``eval()``
+  and checked at every call, so a module replaced after construction is never folded into.
 - The conv marks its folded output; the BCN drops its batch stage only for that very tensor.
 - The fold map and the marks are thread-local, so concurrent inference threads on one model do
   not see each other's state.
