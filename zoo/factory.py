@@ -23,13 +23,12 @@ def list_models(filter: str = '', pretrained: bool = False) -> list:
 
 def _refuse_task_model(name: str) -> None:
     """A segmenter's or detector's name passed to ``create_model``: say which function builds it."""
-    from .detection import list_detectors  # imported here: the task packages import this module
-    from .segmentation import list_segmenters
-    for task, names, create in (('segmenter', list_segmenters(), 'create_segmenter'),
-                                ('detector', list_detectors(), 'create_detector')):
-        if name in names:
-            raise UnknownModelError(f'{name!r} is a {task}, not a timm model: build it with zoo.{create}({name!r}, '
-                                    f'num_classes=...), or load trained weights with zoo.load_model(PATH_OR_HUB_ID)')
+    from .hub.task_models import registry_listing  # imported here: zoo.hub imports this module
+    registry = registry_listing(name)
+    if registry is not None:
+        raise UnknownModelError(f'{name!r} is a {registry.task}, not a timm model: build it with '
+                                f'zoo.create_{registry.task}({name!r}, num_classes=...), or load trained weights '
+                                f'with zoo.load_model(PATH_OR_HUB_ID)')
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs):

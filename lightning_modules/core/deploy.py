@@ -29,11 +29,12 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+from timm.data import create_transform, resolve_data_config
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.segmentation import DeepLabV3
 
 import zoo
+from zoo.hub.task_models import registry_listing
 from zoo.models.tsm import TSMResNet
 
 from ..classification.data import prepare_cifar10
@@ -84,11 +85,11 @@ def load_source(source: str, pretrained: bool = False) -> nn.Module:
         model = zoo.load_model(source)
     elif Path(source).suffix.lower() in _WEIGHT_SUFFIXES:
         raise FileNotFoundError(f'checkpoint {source} does not exist')
-    elif source in zoo.list_segmenters() or source in zoo.list_detectors():
+    elif (registry := registry_listing(source)) is not None:  # a segmenter or detector name
         if pretrained:
             raise ValueError(f'{source} has no weights by name: export its Lightning checkpoint or Hub folder '
                              f'(zoo-export runs/.../last.ckpt ...), or leave out --pretrained for random weights')
-        model = (zoo.create_segmenter if source in zoo.list_segmenters() else zoo.create_detector)(source)
+        model = registry.create(source)
     else:
         model = zoo.create_model(source, pretrained=pretrained or '.' in source)
     _refuse_detector(model, source)
@@ -96,16 +97,14 @@ def load_source(source: str, pretrained: bool = False) -> nn.Module:
 
 
 def _segmenter_batch(model: nn.Module, paths: Sequence[Path]) -> torch.Tensor:
-    """Images preprocessed as the segmenter is evaluated (its ``pretrained_cfg`` mean, std and
-    ``eval_size``; ImageNet statistics and full size without one), all at one size."""
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
+    """Images loaded as the segmentation predict path loads them, with the segmenter's evaluation
+    preprocessing (its ``pretrained_cfg`` mean, std and ``eval_size``; the transform's defaults
+    without one), all at one size."""
+    from ..segmentation.data import SegmentationImageLoader  # here: the task packages import lightning_modules.core
     from ..segmentation.transforms import eval_image_transform
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    transform = eval_image_transform(cfg.get('eval_size'), cfg.get('mean', IMAGENET_DEFAULT_MEAN),
-                                     cfg.get('std', IMAGENET_DEFAULT_STD))
-    images = [transform(tv_tensors.Image(pil_to_tensor(load_rgb(p)))).as_subclass(torch.Tensor) for p in paths]
+    load = SegmentationImageLoader(eval_image_transform(**{k: cfg[k] for k in ('eval_size', 'mean', 'std') if k in cfg}))
+    images = [load(p)['image'] for p in paths]
     sizes = {tuple(im.shape[-2:]) for im in images}
     if len(sizes) > 1:
         listed = ', '.join(f'{p} ({im.shape[-2]}x{im.shape[-1]})' for p, im in zip(paths, images))

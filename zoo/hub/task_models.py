@@ -177,15 +177,28 @@ def checkpoint_task(hparams: Mapping[str, Any], model_name: Optional[str] = None
     return VIDEO_TASK if '.video.' in class_path or 'num_segments' in hparams else CLASSIFICATION_TASK
 
 
+def registry_listing(name: str):
+    """The task registry (:class:`zoo.task_registry.TaskRegistry` of segmenters or detectors) that lists
+    ``name``, or ``None``: for callers that take any zoo model name and must tell a task model from a timm one."""
+    kind = _kind_listing(name)
+    return kind.registry() if kind is not None else None
+
+
+def _kind_listing(name: str) -> Optional[TaskKind]:
+    """The kind whose registry lists ``name``, or ``None``."""
+    return next((k for k in TASK_KINDS.values() if name in k.registry()), None)
+
+
 def _kind(task: Optional[str], name: str) -> TaskKind:
     """The kind of ``task``, or (None) of the registry that lists ``name``."""
-    if task is None:
-        task = next((k.task for k in TASK_KINDS.values() if name in k.registry()), None)
-        if task is None:
-            from zoo.factory import UnknownModelError  # lazily: zoo.factory imports the models, which import zoo.hub
-            raise UnknownModelError(f'Unknown task model {name!r}: no task registry lists it '
-                                    f'(zoo.list_segmenters(), zoo.list_detectors()).')
-    return TASK_KINDS[task]
+    if task is not None:
+        return TASK_KINDS[task]
+    kind = _kind_listing(name)
+    if kind is None:
+        from zoo.factory import UnknownModelError  # lazily: zoo.factory imports the models, which import zoo.hub
+        raise UnknownModelError(f'Unknown task model {name!r}: no task registry lists it '
+                                f'(zoo.list_segmenters(), zoo.list_detectors()).')
+    return kind
 
 
 # ----------------------------------------------------------------------------------- checkpoints
